@@ -1,0 +1,133 @@
+"""Every stage's settings as a dataclass: the one source of truth for each default.
+
+The CLI (`dmtp.cli`), the Prefect tasks and flows, and `prefect.yaml` all read their defaults from
+here (tests/test_config_agreement.py checks it). This module imports neither torch nor prefect, so a
+deployment can be built on a host without either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dmtp.errors import DmtpError
+
+STORE_DIRNAME = "collected_data_final"  # the original scripts' folder name, kept for compatibility
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEMO_PROMPTS = PACKAGE_DIR / "resources" / "prompts" / "demo_train.jsonl"
+DEMO_EVAL_PROMPTS = PACKAGE_DIR / "resources" / "prompts" / "demo_eval.jsonl"
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field carrying its CLI help text (and optional `aliases`, `choices`)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise a user-facing error unless `condition` holds."""
+    if not condition:
+        raise DmtpError(message)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+@dataclass
+class StoreLayout:
+    """How the Zarr store is chunked and encoded (DESIGN §3)."""
+
+    chunk_rows: int = option(
+        512, "rows per compressed chunk (the unit a reader decompresses)"
+    )
+    rows_per_file: int = option(
+        4096,
+        "rows per shard file of hidden_states (a multiple of chunk_rows); also the unit a writer "
+        "flushes, so a crash loses at most this many uncommitted rows",
+    )
+    compressor: str = option(
+        "none",
+        "codec for hidden states: fp16/bf16 activations compress ~1.09x with zstd, not worth its "
+        "CPU time (tests/benchmarks/bench_collect.py measures it)",
+        choices=["none", "zstd"],
+    )
+
+    def __post_init__(self) -> None:
+        check(self.chunk_rows >= 1, f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        check(
+            self.rows_per_file >= self.chunk_rows and self.rows_per_file % self.chunk_rows == 0,
+            f"rows_per_file ({self.rows_per_file}) must be a multiple of chunk_rows ({self.chunk_rows})",
+        )
+        check(self.compressor in ("none", "zstd"), f"unknown compressor {self.compressor!r}: use none or zstd")
+
+
+@dataclass
+class CollectConfig:
+    """`dmtp collect`: run the base model over prompts and store h_l, input and output tokens."""
+
+    base_model_path: str | None = option(
+        None,
+        "HF model folder, hub id or .gguf file; default: the embedded SmolLM2-135M-Instruct",
+    )
+    input_data_path: str | None = option(
+        None,
+        "JSONL with `prompt` (LongWriter), `messages` (chat) or `turns`; or plain text, one "
+        "document per line (teacher-forced). Default: the prompts dmtp ships for the demo",
+    )
+    output_dir: str = option("dmtp_data", f"the store is written to <output_dir>/{STORE_DIRNAME}")
+    max_samples: int | None = option(
+        None, "stop after this many samples (sample_size-token windows) have been collected"
+    )
+    sample_size: int = option(512, "tokens per sample: counts samples for --max_samples; storage is never duplicated")
+    stride: int = option(256, "step between samples, as in the original scripts (recorded, never duplicates storage)")
+    max_new_tokens: int = option(1024, "tokens to generate per prompt (capped by the model's context)")
+    device: str = option("auto", "cuda, cuda:N, cpu, or auto (cuda when available)")
+    batch_size: int = option(8, "prompts generated together (left-padded)")
+    dtype: str = option(
+        "auto",
+        "model dtype: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32",
+        choices=["auto", "bfloat16", "float16", "float32"],
+    )
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy decoding")
+    seed: int = option(0, "seed for sampling (temperature > 0)")
+    num_shards: int = option(1, "split the prompts into this many shards, one writer each")
+    shard_index: int | None = option(None, "collect only this shard (default: all, one after another)")
+    resume: bool = option(False, "continue an interrupted collection from its committed rows")
+    overwrite: bool = option(False, "delete an existing store at the output path first")
+    layout: StoreLayout = field(default_factory=StoreLayout, metadata={"help": "store chunking"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layout, dict):
+            self.layout = StoreLayout(**self.layout)
+        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.sample_size >= 1, f"sample_size must be >= 1, got {self.sample_size}")
+        check(self.stride >= 1, f"stride must be >= 1, got {self.stride}")
+        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        check(self.max_samples is None or self.max_samples >= 1, "max_samples must be >= 1")
+        check(self.num_shards >= 1, f"num_shards must be >= 1, got {self.num_shards}")
+        check(
+            self.shard_index is None or 0 <= self.shard_index < self.num_shards,
+            f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
+        )
+        check(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other: pick one")
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.output_dir) / STORE_DIRNAME
+
+    @property
+    def prompts_path(self) -> Path:
+        return Path(self.input_data_path) if self.input_data_path else DEMO_PROMPTS
+
+
+def resolve_store_path(data_dir: str | Path) -> Path:
+    """Accept either `<output_dir>` or `<output_dir>/collected_data_final`, as users pass both."""
+    path = Path(data_dir)
+    if (path / STORE_DIRNAME / "zarr.json").exists():
+        return path / STORE_DIRNAME
+    return path
