@@ -308,7 +308,12 @@ class ShardWriter:
         self.group = zarr.open_group(self.path, mode="a")
         if "hidden_states" not in self.group:
             self._create_arrays()
-        self.arrays = {name: self.group[name] for name in ARRAY_NAMES}
+        # zarr skips chunks equal to the fill value by default, which makes a lost chunk
+        # indistinguishable from, say, an all-prompt is_generated chunk; write them all so
+        # `dmtp validate` can treat every missing chunk as damage.
+        self.arrays = {
+            name: self.group[name].with_config({"write_empty_chunks": True}) for name in ARRAY_NAMES
+        }
         # Committed state: what a reader may trust, and where a resumed writer restarts.
         self.committed_rows = int(self.group.attrs.get("n_committed", 0))
         self.committed_sequences = int(self.group.attrs.get("n_sequences", 0))
