@@ -5,8 +5,9 @@
 
 What the data is, so that a head can actually fit it:
 - `tokens` of each sequence are i.i.d. uniform over `[0, vocab_size)`.
-- `input_ids[l + 1] == tokens[l]` from the last prompt row on (as greedy generation produces);
-  prompt rows before that get random input ids. `input_ids[0]` is random.
+- Rows `l >= generated_from` are generated: `is_generated[l]` (as in the store, it means `tokens[l]`
+  belongs to the response) and `input_ids[l + 1] == tokens[l]`, as greedy generation produces.
+  Other input ids are random.
 - The hidden state is a fixed, seed-determined linear function of the next `LOOKAHEAD` tokens plus
   Gaussian noise:  `h_l = (sum_j 2^-j A_j[t_{l+j}]) @ B + NOISE_STD * eps`  for `j < LOOKAHEAD` and
   `l + j` inside the sequence, with `A_j: [V, r]`, `B: [r, H]`, `r = min(H, 64)`, entries ~ N(0, 1/r).
@@ -76,10 +77,10 @@ def synthetic_sequence(
     hidden_dtype: str,
     rng: np.random.Generator,
 ) -> SequenceRows:
-    """One sequence of `length` rows; rows `>= generated_from` are generated."""
+    """One sequence of `length` rows; rows `>= generated_from` are generated (see module docstring)."""
     tokens = rng.integers(0, vocab_size, size=length, dtype=np.int32)
     input_ids = rng.integers(0, vocab_size, size=length, dtype=np.int32)
-    first = max(generated_from - 1, 0)  # the last prompt row's output is the first generated input
+    first = min(generated_from, length)
     input_ids[first + 1 :] = tokens[first : length - 1]
     is_generated = np.zeros(length, dtype=bool)
     is_generated[generated_from:] = True
