@@ -50,7 +50,9 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: Sequence[str] = ()) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, config_class: type, skip: Sequence[str] = ()
+) -> None:
     """Add one flag per field of `config_class` (nested dataclasses are flattened)."""
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
@@ -66,7 +68,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, sk
         help_text = f.metadata.get("help", "")
         if kind is bool:
             if default:
-                parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=True, help=help_text)
+                parser.add_argument(
+                    *names,
+                    dest=f.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=True,
+                    help=help_text,
+                )
             else:
                 parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             continue
@@ -121,7 +129,11 @@ def run_command(command: str, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = ["usage: dmtp <command> [flags]   (dmtp <command> --help for its flags)", "", "commands:"]
+        lines = [
+            "usage: dmtp <command> [flags]   (dmtp <command> --help for its flags)",
+            "",
+            "commands:",
+        ]
         lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
         if argv and argv[0] not in ("-h", "--help"):
             print(f"dmtp: error: unknown command {argv[0]!r}\n" + "\n".join(lines), file=sys.stderr)

@@ -39,7 +39,7 @@ class DebugModelSpec:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    max_position_embeddings: int = 256
+    max_position_embeddings: int = 4096  # LongWriter prompts are ~1k tokens under the tiny BPE
     seed: int = 0
 
 

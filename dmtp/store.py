@@ -6,7 +6,9 @@
         tokens           [T_k]     int32   t_l, the token the base model outputs at position l
         input_ids        [T_k]     int32   the token fed at position l
         sample_ids       [T_k]     int64   index of the source prompt/document
-        is_generated     [T_k]     bool    position belongs to the generated response
+        is_generated     [T_k]     bool    tokens[l] belongs to the generated response (so the last
+                                           prompt position, whose output is the first response
+                                           token, counts: the first speculative round drafts there)
         sequence_offsets [S_k + 1] int64   row where each sequence starts (CSR)
         attrs: n_committed, n_sequences, complete, counts
 
@@ -36,9 +38,21 @@ from dmtp.config import STORE_DIRNAME, StoreLayout
 from dmtp.errors import StoreError
 
 SCHEMA = "dmtp.store/1"
-ARRAY_NAMES = ("hidden_states", "tokens", "input_ids", "sample_ids", "is_generated", "sequence_offsets")
+ARRAY_NAMES = (
+    "hidden_states",
+    "tokens",
+    "input_ids",
+    "sample_ids",
+    "is_generated",
+    "sequence_offsets",
+)
 ROW_ARRAYS = ("hidden_states", "tokens", "input_ids", "sample_ids", "is_generated")
-ROW_DTYPES = {"tokens": "int32", "input_ids": "int32", "sample_ids": "int64", "is_generated": "bool"}
+ROW_DTYPES = {
+    "tokens": "int32",
+    "input_ids": "int32",
+    "sample_ids": "int64",
+    "is_generated": "bool",
+}
 # zarr has no bfloat16: store its bit pattern as uint16 (lossless; casting to float16 overflows).
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 OFFSETS_CHUNK = 4096
@@ -94,7 +108,7 @@ class SequenceRows:
     tokens: np.ndarray  # [T] int32
     input_ids: np.ndarray  # [T] int32
     sample_ids: np.ndarray  # [T] int64
-    is_generated: np.ndarray  # [T] bool
+    is_generated: np.ndarray  # [T] bool: tokens[l] is part of the generated response
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -172,8 +186,12 @@ class Store:
         if not 0 <= index < self.num_shards:
             raise StoreError(f"{self.path}: no shard {index} (the store has {self.num_shards})")
         if not self.has_shard(index):
-            raise StoreError(f"{self.path}: shard {index} was never started (run collection for it)")
-        return Shard(zarr.open_group(self.path / "shards" / str(index), mode="r"), index, self.hidden_dtype)
+            raise StoreError(
+                f"{self.path}: shard {index} was never started (run collection for it)"
+            )
+        return Shard(
+            zarr.open_group(self.path / "shards" / str(index), mode="r"), index, self.hidden_dtype
+        )
 
     def shards(self) -> Iterator[Shard]:
         for index in range(self.num_shards):
@@ -200,7 +218,9 @@ def open_store(path: str | Path, require_complete: bool = False) -> Store:
     if (path / STORE_DIRNAME / "zarr.json").exists():
         path = path / STORE_DIRNAME
     if not (path / "zarr.json").exists():
-        raise StoreError(f"{path}: no dmtp store here (expected {path}/zarr.json; run `dmtp collect` first)")
+        raise StoreError(
+            f"{path}: no dmtp store here (expected {path}/zarr.json; run `dmtp collect` first)"
+        )
     try:
         group = zarr.open_group(path, mode="r")
     except Exception as error:  # zarr raises several types for unreadable metadata
@@ -243,7 +263,9 @@ def create_store(
     """
     path = Path(path)
     if hidden_dtype not in STORAGE_DTYPES:
-        raise StoreError(f"hidden dtype {hidden_dtype!r} is not storable; use one of {sorted(STORAGE_DTYPES)}")
+        raise StoreError(
+            f"hidden dtype {hidden_dtype!r} is not storable; use one of {sorted(STORAGE_DTYPES)}"
+        )
     root_attrs = {
         **attrs,
         "schema": SCHEMA,
@@ -323,8 +345,12 @@ class ShardWriter:
             else [0]
         )
         # Rows of the last, partly filled shard file are read back and rewritten with the new rows.
-        self.written_rows = (self.committed_rows // self.layout.rows_per_file) * self.layout.rows_per_file
-        tail = Shard(self.group, index, store.hidden_dtype).read_rows(self.written_rows, self.committed_rows)
+        self.written_rows = (
+            self.committed_rows // self.layout.rows_per_file
+        ) * self.layout.rows_per_file
+        tail = Shard(self.group, index, store.hidden_dtype).read_rows(
+            self.written_rows, self.committed_rows
+        )
         self.buffer: list[SequenceRows] = [tail] if len(tail) else []
         self.buffered_rows = len(tail)
         self.resume_points: list[tuple[int, int]] = []
@@ -405,8 +431,14 @@ class ShardWriter:
 
     def _flush(self, final: bool) -> None:
         if self.buffered_rows:
-            size = self.buffered_rows if final else (self.buffered_rows // self.layout.rows_per_file) * self.layout.rows_per_file
-            merged = {name: np.concatenate([getattr(r, name) for r in self.buffer]) for name in ROW_ARRAYS}
+            size = (
+                self.buffered_rows
+                if final
+                else (self.buffered_rows // self.layout.rows_per_file) * self.layout.rows_per_file
+            )
+            merged = {
+                name: np.concatenate([getattr(r, name) for r in self.buffer]) for name in ROW_ARRAYS
+            }
             start, stop = self.written_rows, self.written_rows + size
             for name in ROW_ARRAYS:
                 array = self.arrays[name]
@@ -431,7 +463,9 @@ class ShardWriter:
         if offsets.shape[0] < sequences + 1:
             offsets.resize((sequences + 1,))
         first = self.committed_sequences  # entries before this are already on disk
-        offsets[first : sequences + 1] = np.asarray(self.offsets[first : sequences + 1], dtype=np.int64)
+        offsets[first : sequences + 1] = np.asarray(
+            self.offsets[first : sequences + 1], dtype=np.int64
+        )
         self.group.attrs.update({"n_committed": int(rows), "n_sequences": int(sequences)})
         self.committed_rows, self.committed_sequences = rows, sequences
 

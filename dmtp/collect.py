@@ -1,0 +1,538 @@
+"""Collect base-model hidden states and tokens into the token-major Zarr store (DESIGN §3).
+
+    dmtp collect --base_model_path Qwen/Qwen2.5-7B-Instruct \
+        --input_data_path prompts.jsonl --output_dir data/ --max_new_tokens 2048 --batch_size 16
+
+For every position l of every sequence we store the input token, the last-layer hidden state h_l
+(`hidden_states[-1]`, after the final norm) and the token the model outputs there, t_l. Chat
+prompts are answered by batched, left-padded generation; the states are captured by a forward hook
+on the decoder while `generate` runs (not by asking generate for every layer, not by a second pass).
+Plain-text documents are teacher-forced in one forward.
+
+Resumable: rows are committed at batch boundaries, so after a kill `--resume` redoes at most the
+batches since the last flushed shard file, in the same batch composition, and skips finished shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dmtp import __version__
+from dmtp.cli import add_config_arguments, config_from_args
+from dmtp.config import CollectConfig
+from dmtp.errors import InputDataError, StoreError
+from dmtp.models import BaseModel, load_base_model
+from dmtp.prompts import Prompt, PromptFileInfo, iter_prompts, scan_prompts
+from dmtp.store import (
+    SequenceRows,
+    ShardWriter,
+    Store,
+    count_samples,
+    create_store,
+    describe_differences,
+    encode_hidden_states,
+    estimate_bytes_per_row,
+    open_store,
+    remove_store,
+)
+
+LOGITS_ROWS = (
+    256  # rows per LM-head matmul when taking argmax over prompt positions (bounds memory)
+)
+
+
+@dataclass
+class CollectResult:
+    """What a collection produced: small enough to pass between tasks."""
+
+    store_path: str
+    shards: list[int]
+    rows: int
+    sequences: int
+    complete: bool
+    seconds: float
+    tokens_per_second: float
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts -> token ids
+
+
+def encode_prompt(prompt: Prompt, tokenizer: Any) -> list[int]:
+    """Token ids the model reads: the chat template for chat prompts when the model has one."""
+    if prompt.messages is not None:
+        if getattr(tokenizer, "chat_template", None):
+            encoded = tokenizer.apply_chat_template(
+                prompt.messages, add_generation_prompt=True, tokenize=True
+            )
+            ids = (
+                encoded["input_ids"]
+                if isinstance(encoded, dict) or hasattr(encoded, "keys")
+                else encoded
+            )
+            return list(ids)
+        text = "\n\n".join(m["content"] for m in prompt.messages)  # base model: the raw prompt
+        return list(tokenizer(text)["input_ids"])
+    return list(tokenizer(prompt.text)["input_ids"])
+
+
+def check_prompt_lengths(path: Path, base: BaseModel) -> tuple[int, float]:
+    """Fail on the first prompt the model can't read; return (count, mean prompt tokens)."""
+    limit = base.max_positions
+    total = count = 0
+    for prompt in iter_prompts(path):
+        n = len(encode_prompt(prompt, base.tokenizer))
+        if n == 0:
+            raise InputDataError(f"{path}:{prompt.line}: prompt encodes to no tokens")
+        if limit is not None and n >= limit:
+            raise InputDataError(
+                f"{path}:{prompt.line}: prompt is {n} tokens, longer than the model's context "
+                f"({limit}); shorten or drop it"
+            )
+        total, count = total + n, count + 1
+    return count, total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the store's identity
+
+
+def store_identity(
+    config: CollectConfig, base: BaseModel, prompts: PromptFileInfo
+) -> dict[str, Any]:
+    """Root attrs: a pure function of what determines the store's content (nothing host-specific)."""
+    identity = base.identity
+    return {
+        "base_model": {
+            k: identity[k] for k in ("name_or_path", "fingerprint", "architecture", "hidden_state")
+        },
+        "collection": {
+            "max_new_tokens": config.max_new_tokens,
+            "temperature": config.temperature,
+            "seed": config.seed,
+            "batch_size": config.batch_size,
+            "sample_size": config.sample_size,
+            "stride": config.stride,
+            "max_samples": config.max_samples,
+            "dtype": base.hidden_dtype,
+            "mode": "generate" if prompts.generates else "teacher_forced",
+        },
+        "prompts_sha256": prompts.sha256,
+        "prompts_count": prompts.count,
+        "dmtp_version": __version__,
+    }
+
+
+def prepare_store(config: CollectConfig, base: BaseModel, prompts: PromptFileInfo) -> Store:
+    """Create the store, or reopen one made with the same settings; refuse anything else."""
+    path = config.store_path
+    identity = store_identity(config, base, prompts)
+    if config.overwrite:
+        remove_store(path)
+    elif (path / "zarr.json").exists():
+        existing = open_store(path)
+        wanted = {
+            **existing.attrs,
+            **identity,
+            "num_shards": config.num_shards,
+            "layout": asdict(config.layout),
+        }
+        differences = describe_differences(existing.attrs, wanted)
+        if differences:
+            raise StoreError(
+                f"{path} holds a store made with other settings ({differences}); "
+                "use --overwrite to replace it or choose another --output_dir"
+            )
+        shards = (
+            [config.shard_index] if config.shard_index is not None else range(config.num_shards)
+        )
+        started = [k for k in shards if existing.has_shard(k) and not existing.shard(k).complete]
+        if started and not config.resume:
+            raise StoreError(
+                f"{path}: shard(s) {started} were interrupted; pass --resume to continue them "
+                "or --overwrite to start again"
+            )
+    return create_store(
+        path,
+        attrs=identity,
+        hidden_size=base.hidden_size,
+        vocab_size=len_vocab(base),
+        hidden_dtype=base.hidden_dtype,
+        num_shards=config.num_shards,
+        layout=config.layout,
+    )
+
+
+def len_vocab(base: BaseModel) -> int:
+    """Token ids the store may hold: the LM head's rows (can exceed the tokenizer's length)."""
+    return max(base.vocab_size, len(base.tokenizer))
+
+
+def check_disk_space(
+    config: CollectConfig,
+    base: BaseModel,
+    n_prompts: int,
+    mean_prompt_tokens: float,
+    generates: bool,
+) -> int:
+    """Print the estimated store size; refuse when the disk cannot hold it. Returns the estimate."""
+    new_tokens = config.max_new_tokens if generates else 0
+    rows = int(n_prompts * (mean_prompt_tokens + new_tokens))
+    if config.max_samples is not None:  # collection stops at the batch that reaches the limit
+        per_prompt = mean_prompt_tokens + new_tokens
+        rows = min(
+            rows,
+            int(
+                config.max_samples * config.stride
+                + config.sample_size
+                + config.batch_size * per_prompt
+            ),
+        )
+    estimate = rows * estimate_bytes_per_row(base.hidden_size, base.hidden_dtype)
+    parent = config.store_path
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    print(
+        f"dmtp collect: {n_prompts} prompts -> up to {rows:,} positions, estimated store size "
+        f"up to {estimate / 2**30:.2f} GiB ({free / 2**30:.1f} GiB free at {parent})",
+        file=sys.stderr,
+    )
+    if estimate > free:
+        raise StoreError(
+            f"{parent}: needs up to {estimate / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free; "
+            "free space, lower --max_new_tokens/--max_samples, or choose another --output_dir"
+        )
+    return estimate
+
+
+# ----------------------------------------------------------------------------------------------
+# running the model
+
+
+class HiddenStateCapture:
+    """Forward hook on the decoder stack: keeps `last_hidden_state` of every forward while it runs.
+
+    That output is `hidden_states[-1]` (after the final norm) for every HF causal LM, and the hook
+    sees each generation step once: the prefill `[B, P, H]`, then `[B, 1, H]` per new token.
+    """
+
+    def __init__(self, model: Any, progress: tqdm | None = None):
+        self.decoder = model.base_model
+        self.states: list[torch.Tensor] = []
+        self.progress = progress
+        self.active: torch.Tensor | None = None  # sequences still generating, for the progress bar
+
+    def __enter__(self) -> HiddenStateCapture:
+        self.handle = self.decoder.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+    def _hook(self, module: Any, args: Any, output: Any) -> None:
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        self.states.append(hidden.detach())
+        if self.progress is not None:
+            self.progress.update(hidden.shape[0] if hidden.shape[1] == 1 else 0)
+
+    def stacked(self) -> torch.Tensor:
+        """`[B, positions, H]` for all forwards so far."""
+        return torch.cat(self.states, dim=1)
+
+
+def lm_head_argmax(model: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens `[T]` for hidden states `[T, H]`, a few hundred rows of logits at a time."""
+    head = model.get_output_embeddings()
+    out = [
+        head(hidden_states[i : i + LOGITS_ROWS]).argmax(dim=-1)
+        for i in range(0, len(hidden_states), LOGITS_ROWS)
+    ]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=hidden_states.device)
+
+
+def eos_token_ids(base: BaseModel) -> list[int]:
+    ids = base.model.generation_config.eos_token_id
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if base.tokenizer.eos_token_id is not None and base.tokenizer.eos_token_id not in ids:
+        ids.append(base.tokenizer.eos_token_id)
+    return ids
+
+
+def pad_left(
+    sequences: list[list[int]], pad_id: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_batch(
+    base: BaseModel, config: CollectConfig, prompts: list[Prompt], progress: tqdm | None
+) -> list[SequenceRows]:
+    """Generate for a batch of chat prompts; return each sequence's rows (prompt + response)."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = base.model, base.tokenizer
+    encoded = [encode_prompt(p, tokenizer) for p in prompts]
+    input_ids, attention_mask = pad_left(encoded, tokenizer.pad_token_id, base.device)
+    width = input_ids.shape[1]
+    budget = config.max_new_tokens
+    if base.max_positions is not None:
+        budget = max(1, min(budget, base.max_positions - width))
+    eos = eos_token_ids(base)
+    # A fresh GenerationConfig: the model's own defaults (repetition penalty, top_p, ...) would make
+    # the stored tokens differ from the model's plain argmax / plain sampling.
+    generation = GenerationConfig(
+        max_new_tokens=budget,
+        do_sample=config.temperature > 0,
+        temperature=config.temperature if config.temperature > 0 else None,
+        top_k=None,
+        top_p=None,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with HiddenStateCapture(model, progress) as capture:
+        if progress is not None:
+            progress.update(int(attention_mask.sum()))
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation
+        )
+    states = capture.stacked()  # [B, width + new - 1, H]: the last new token is never fed
+    if states.shape[1] != sequences.shape[1] - 1:
+        raise RuntimeError(f"captured {states.shape[1]} positions for {sequences.shape[1]} tokens")
+
+    rows = []
+    eos_set = set(eos)
+    for b, prompt_ids in enumerate(encoded):
+        new = sequences[b, width:].tolist()
+        n_new = next((i + 1 for i, t in enumerate(new) if t in eos_set), len(new))
+        start, stop = width - len(prompt_ids), width + n_new - 1  # fed positions of this sequence
+        hidden = states[b, start:stop]
+        fed = sequences[b, start:stop]
+        prompt_len = len(prompt_ids)
+        tokens = torch.empty_like(fed)
+        # Outputs at prompt positions are the model's argmax there; from the last prompt
+        # position on, they are the generated tokens themselves.
+        tokens[: prompt_len - 1] = lm_head_argmax(model, hidden[: prompt_len - 1])
+        tokens[prompt_len - 1 :] = sequences[b, width : width + n_new]
+        is_generated = np.zeros(len(fed), dtype=bool)
+        is_generated[prompt_len - 1 :] = True
+        rows.append(_rows(hidden, tokens, fed, prompts[b].index, is_generated))
+    return rows
+
+
+@torch.no_grad()
+def teacher_force_batch(
+    base: BaseModel, prompts: list[Prompt], progress: tqdm | None
+) -> list[SequenceRows]:
+    """One forward over a batch of documents; outputs are the model's argmax at every position."""
+    model, tokenizer = base.model, base.tokenizer
+    encoded = [encode_prompt(p, tokenizer) for p in prompts]
+    input_ids, attention_mask = pad_left(encoded, tokenizer.pad_token_id, base.device)
+    # Left padding shifts positions unless they are given explicitly (generate does the same).
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with HiddenStateCapture(model) as capture:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=1,
+        )
+    states = capture.stacked()
+    if progress is not None:
+        progress.update(int(attention_mask.sum()))
+    rows = []
+    width = input_ids.shape[1]
+    for b, ids in enumerate(encoded):
+        hidden = states[b, width - len(ids) :]
+        tokens = lm_head_argmax(model, hidden)
+        rows.append(
+            _rows(
+                hidden,
+                tokens,
+                input_ids[b, width - len(ids) :],
+                prompts[b].index,
+                np.zeros(len(ids), bool),
+            )
+        )
+    return rows
+
+
+def _rows(
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    input_ids: torch.Tensor,
+    sample_id: int,
+    is_generated: np.ndarray,
+) -> SequenceRows:
+    n = len(input_ids)
+    return SequenceRows(
+        hidden_states=encode_hidden_states(hidden),
+        tokens=tokens.to("cpu", torch.int32).numpy(),
+        input_ids=input_ids.to("cpu", torch.int32).numpy(),
+        sample_ids=np.full(n, sample_id, dtype=np.int64),
+        is_generated=is_generated,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# shards
+
+
+def shard_prompts(path: Path, num_shards: int, shard_index: int) -> Iterator[Prompt]:
+    """Round-robin assignment: prompt i goes to shard i % num_shards."""
+    return (p for p in iter_prompts(path) if p.index % num_shards == shard_index)
+
+
+def batched(items: Iterator[Prompt], size: int) -> Iterator[list[Prompt]]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+def collect_shard(
+    config: CollectConfig, base: BaseModel, store: Store, shard_index: int, generates: bool
+) -> tuple[int, int]:
+    """Fill one shard (resuming its committed rows). Returns (rows, sequences) written in total."""
+    if store.has_shard(shard_index) and store.shard(shard_index).complete:
+        shard = store.shard(shard_index)
+        print(
+            f"dmtp collect: shard {shard_index} already complete ({shard.n_committed:,} rows); skipping",
+            file=sys.stderr,
+        )
+        return shard.n_committed, shard.n_sequences
+    writer = ShardWriter(store, shard_index, resume=True)
+    done_sequences = writer.n_sequences
+    sample_limit = (
+        None if config.max_samples is None else math.ceil(config.max_samples / config.num_shards)
+    )
+    samples = count_samples(writer.sequence_lengths, config.sample_size, config.stride)
+    n_prompts = sum(1 for _ in shard_prompts(config.prompts_path, config.num_shards, shard_index))
+    remaining = itertools.islice(
+        shard_prompts(config.prompts_path, config.num_shards, shard_index), done_sequences, None
+    )
+    if done_sequences:
+        print(
+            f"dmtp collect: shard {shard_index}: resuming after {done_sequences} committed sequences "
+            f"({writer.total_rows:,} rows)",
+            file=sys.stderr,
+        )
+    torch.manual_seed(config.seed + shard_index)
+    started, rows_at_start = time.perf_counter(), writer.total_rows
+    progress = tqdm(
+        desc=f"shard {shard_index}",
+        unit="tok",
+        unit_scale=True,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        total=None,
+        disable=None,
+    )
+    try:
+        for batch_number, batch in enumerate(batched(remaining, config.batch_size)):
+            if sample_limit is not None and samples >= sample_limit:
+                break
+            if generates:
+                sequences = generate_batch(base, config, batch, progress)
+            else:
+                sequences = teacher_force_batch(base, batch, progress)
+            for rows in sequences:
+                writer.append(rows)
+            writer.mark_resume_point()
+            samples += count_samples([len(r) for r in sequences], config.sample_size, config.stride)
+            seconds = time.perf_counter() - started
+            done = done_sequences + (batch_number + 1) * config.batch_size
+            rate = (writer.total_rows - rows_at_start) / max(seconds, 1e-9)
+            # Total = rows so far + remaining prompts at the mean rows per prompt so far: a real ETA.
+            mean_rows = writer.total_rows / max(writer.n_sequences, 1)
+            progress.total = int(writer.total_rows + max(n_prompts - done, 0) * mean_rows)
+            progress.set_postfix_str(
+                f"{min(done, n_prompts)}/{n_prompts} prompts, {rate:,.0f} rows/s"
+            )
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - started
+    writer.finish(
+        {
+            "n_samples": samples,
+            "seconds": round(seconds, 3),
+            "rows_per_second": round((writer.total_rows - rows_at_start) / max(seconds, 1e-9), 1),
+            "prompts_file": Path(config.prompts_path).name,
+        }
+    )
+    return writer.total_rows, writer.n_sequences
+
+
+def collect(config: CollectConfig) -> CollectResult:
+    """Run a whole collection (all shards, or `config.shard_index`) and return its manifest."""
+    started = time.perf_counter()
+    prompts = scan_prompts(config.prompts_path)
+    base = load_base_model(config.base_model_path, config.device, config.dtype)
+    n_prompts, mean_prompt_tokens = check_prompt_lengths(config.prompts_path, base)
+    check_disk_space(config, base, n_prompts, mean_prompt_tokens, prompts.generates)
+    store = prepare_store(config, base, prompts)
+    shards = (
+        [config.shard_index] if config.shard_index is not None else list(range(config.num_shards))
+    )
+    rows = sequences = 0
+    for shard_index in shards:
+        shard_rows, shard_sequences = collect_shard(
+            config, base, store, shard_index, prompts.generates
+        )
+        rows, sequences = rows + shard_rows, sequences + shard_sequences
+    seconds = time.perf_counter() - started
+    store = open_store(store.path)
+    return CollectResult(
+        store_path=str(store.path),
+        shards=shards,
+        rows=rows,
+        sequences=sequences,
+        complete=store.complete,
+        seconds=round(seconds, 3),
+        tokens_per_second=round(rows / max(seconds, 1e-9), 1),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, CollectConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(CollectConfig, args)
+    result = collect(config)
+    state = (
+        "complete" if result.complete else "shard(s) done; store incomplete until every shard is"
+    )
+    print(
+        f"dmtp collect: {result.rows:,} rows from {result.sequences} sequences in {result.seconds:.1f} s "
+        f"-> {result.store_path} ({state})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from dmtp.cli import run_command
+
+    sys.exit(run_command("collect", sys.argv[1:]))

@@ -1,0 +1,303 @@
+"""dmtp collect on the tiny random Qwen2: what it stores is what the model computes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dmtp.cli import main
+from dmtp.collect import collect
+from dmtp.config import CollectConfig, StoreLayout
+from dmtp.store import ROW_ARRAYS, decode_hidden_states, open_store
+
+PROMPTS = [
+    "Write a story about a lighthouse keeper.",
+    "Explain attention.",
+    "Please write an essay of 500 words about rivers, mountains and the history of the sea.",
+    "Why do key-value caches make decoding faster?",
+    "List ten cities.",
+    "Describe the quick brown fox in detail, then the lazy dog, then both of them together.",
+    "Hi",
+    "Draft a short letter to a friend about speculative decoding.",
+    "What is a diffusion head?",
+    "Count from one to twenty.",
+    "Summarise the plot of a novel about the sea in three sentences.",
+]
+
+
+def write_prompts(path: Path, prompts: list[str] = PROMPTS) -> Path:
+    path.write_text(
+        "".join(json.dumps({"prompt": p, "type": "test", "length": 100}) + "\n" for p in prompts)
+    )
+    return path
+
+
+def config(model: Path, prompts: Path, out: Path, **overrides) -> CollectConfig:
+    values = dict(
+        base_model_path=str(model),
+        input_data_path=str(prompts),
+        output_dir=str(out),
+        max_new_tokens=12,
+        batch_size=4,
+        device="cpu",
+        layout=StoreLayout(chunk_rows=16, rows_per_file=64),
+    )
+    return CollectConfig(**{**values, **overrides})
+
+
+def sequences(store_path: Path):
+    """Yield (rows, hidden float tensor) for every stored sequence, in shard order."""
+    store = open_store(store_path, require_complete=True)
+    for shard in store.shards():
+        offsets = shard.sequence_offsets()
+        for start, stop in zip(offsets[:-1], offsets[1:], strict=True):
+            rows = shard.read_rows(int(start), int(stop))
+            yield rows, decode_hidden_states(rows.hidden_states, store.hidden_dtype).float()
+
+
+def test_stored_states_and_tokens_equal_a_teacher_forced_forward(debug_model_dir, tmp_path):
+    result = collect(config(debug_model_dir, write_prompts(tmp_path / "p.jsonl"), tmp_path / "out"))
+    assert result.complete and result.sequences == len(PROMPTS)
+    model = AutoModelForCausalLM.from_pretrained(debug_model_dir, dtype=torch.float32).eval()
+    n_generated = 0
+    for rows, hidden in sequences(tmp_path / "out"):
+        ids = torch.from_numpy(rows.input_ids.astype(np.int64))[None]
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        torch.testing.assert_close(hidden, out.hidden_states[-1][0], atol=2e-4, rtol=1e-4)
+        # greedy: every stored output token is the model's argmax at that position
+        assert np.array_equal(rows.tokens, out.logits[0].argmax(-1).numpy())
+        generated = np.flatnonzero(rows.is_generated[:-1])
+        assert np.array_equal(rows.input_ids[generated + 1], rows.tokens[generated])
+        n_generated += int(rows.is_generated.sum())
+        assert len(np.unique(rows.sample_ids)) == 1
+    assert n_generated > 0
+
+
+def test_batch_size_does_not_change_what_is_stored(debug_model_dir, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    collect(config(debug_model_dir, prompts, tmp_path / "b1", batch_size=1))
+    collect(config(debug_model_dir, prompts, tmp_path / "b8", batch_size=8))
+    pairs = list(zip(sequences(tmp_path / "b1"), sequences(tmp_path / "b8"), strict=True))
+    assert len(pairs) == len(PROMPTS)
+    for (rows1, hidden1), (rows8, hidden8) in pairs:
+        assert np.array_equal(rows1.tokens, rows8.tokens)
+        assert np.array_equal(rows1.input_ids, rows8.input_ids)
+        torch.testing.assert_close(hidden1, hidden8, atol=2e-4, rtol=1e-4)
+
+
+def test_bfloat16_states_are_stored_losslessly_as_uint16_bits(debug_model_dir, tmp_path):
+    collect(
+        config(
+            debug_model_dir,
+            write_prompts(tmp_path / "p.jsonl", PROMPTS[:3]),
+            tmp_path / "out",
+            dtype="bfloat16",
+        )
+    )
+    store = open_store(tmp_path / "out")
+    assert store.hidden_dtype == "bfloat16"
+    shard = store.shard(0)
+    assert shard.array("hidden_states").dtype == np.uint16
+    model = AutoModelForCausalLM.from_pretrained(debug_model_dir, dtype=torch.bfloat16).eval()
+    rows = shard.read_rows(0, int(shard.sequence_offsets()[1]))
+    stored = decode_hidden_states(rows.hidden_states, "bfloat16")
+    assert stored.dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = model(
+            torch.from_numpy(rows.input_ids.astype(np.int64))[None], output_hidden_states=True
+        ).hidden_states[-1][0]
+    torch.testing.assert_close(stored.float(), expected.float(), atol=0.1, rtol=0.02)
+
+
+def test_plain_text_documents_are_teacher_forced(debug_model_dir, tmp_path):
+    docs = tmp_path / "docs.txt"
+    docs.write_text(
+        "The quick brown fox jumps over the lazy dog.\n\nA diffusion head predicts a block of tokens.\n"
+    )
+    collect(config(debug_model_dir, docs, tmp_path / "out"))
+    store = open_store(tmp_path / "out", require_complete=True)
+    assert store.attrs["collection"]["mode"] == "teacher_forced"
+    model = AutoModelForCausalLM.from_pretrained(debug_model_dir, dtype=torch.float32).eval()
+    all_rows = list(sequences(tmp_path / "out"))
+    assert [int(r.sample_ids[0]) for r, _ in all_rows] == [0, 1]
+    for rows, hidden in all_rows:
+        assert not rows.is_generated.any()
+        with torch.no_grad():
+            out = model(
+                torch.from_numpy(rows.input_ids.astype(np.int64))[None], output_hidden_states=True
+            )
+        torch.testing.assert_close(hidden, out.hidden_states[-1][0], atol=2e-4, rtol=1e-4)
+        assert np.array_equal(rows.tokens, out.logits[0].argmax(-1).numpy())
+
+
+def test_real_longwriter_prompts(debug_model_dir, longwriter_prompts, tmp_path):
+    result = collect(
+        config(
+            debug_model_dir,
+            longwriter_prompts,
+            tmp_path / "out",
+            max_new_tokens=4,
+            max_samples=3,
+            sample_size=128,
+            stride=128,
+        )
+    )
+    store = open_store(tmp_path / "out", require_complete=True)
+    assert store.attrs["prompts_count"] == 60
+    # it stops at the batch that reaches --max_samples: one batch of 4 LongWriter prompts here
+    assert result.sequences == 4
+    assert store.attrs["collection"]["sample_size"] == 128
+
+
+def test_sharded_collection_skips_finished_shards(debug_model_dir, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    collect(config(debug_model_dir, prompts, tmp_path / "out", num_shards=2, shard_index=0))
+    store = open_store(tmp_path / "out")
+    assert not store.complete and store.shard(0).complete and not store.has_shard(1)
+    first_seconds = store.shard(0).attrs["seconds"]
+    collect(config(debug_model_dir, prompts, tmp_path / "out", num_shards=2, resume=True))
+    store = open_store(tmp_path / "out", require_complete=True)
+    assert store.shard(0).attrs["seconds"] == first_seconds  # shard 0 was not redone
+    ids = sorted(int(sid) for rows, _ in sequences(tmp_path / "out") for sid in rows.sample_ids[:1])
+    assert ids == list(range(len(PROMPTS)))
+    assert {int(s) % 2 for s in store.shard(1).read_rows(0, 10**9).sample_ids} == {1}
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "dmtp.cli", "collect", *args]
+
+
+def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(debug_model_dir, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 4)
+    common = [
+        "--base_model_path",
+        str(debug_model_dir),
+        "--input_data_path",
+        str(prompts),
+        "--device",
+        "cpu",
+        "--max_new_tokens",
+        "48",
+        "--batch_size",
+        "2",
+        "--chunk_rows",
+        "8",
+        "--rows_per_file",
+        "32",
+    ]
+    reference = tmp_path / "reference"
+    subprocess.run(_cli([*common, "--output_dir", str(reference)]), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _cli([*common, "--output_dir", str(killed)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    shard_meta = killed / "collected_data_final" / "shards" / "0" / "zarr.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if shard_meta.exists():
+            try:
+                attrs = json.loads(shard_meta.read_text())["attributes"]
+            except (ValueError, KeyError):
+                attrs = {}
+            if attrs.get("n_sequences", 0) >= 4:
+                break
+        time.sleep(0.005)
+    assert process.poll() is None, "collection finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted = open_store(killed)
+    assert not interrupted.complete
+    assert 0 < interrupted.shard(0).n_sequences < len(PROMPTS) * 4
+
+    # without --resume an interrupted store is refused, and left as it was
+    assert main(["collect", *common, "--output_dir", str(killed)]) == 2
+    subprocess.run(
+        _cli([*common, "--output_dir", str(killed), "--resume"]), check=True, capture_output=True
+    )
+
+    a, b = (
+        open_store(reference, require_complete=True).shard(0),
+        open_store(killed, require_complete=True).shard(0),
+    )
+    assert a.n_committed == b.n_committed and np.array_equal(
+        a.sequence_offsets(), b.sequence_offsets()
+    )
+    for name in ROW_ARRAYS:
+        assert np.array_equal(a.array(name)[:], b.array(name)[:]), name
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_file",
+        "malformed_json",
+        "empty_prompt",
+        "prompt_too_long",
+        "unknown_model",
+        "other_configuration",
+    ],
+)
+def test_bad_input_is_one_line_error_and_no_complete_store(case, debug_model_dir, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:2])
+    out = tmp_path / "out"
+    args = [
+        "--base_model_path",
+        str(debug_model_dir),
+        "--input_data_path",
+        str(prompts),
+        "--output_dir",
+        str(out),
+        "--max_new_tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    expected: str
+    if case == "missing_file":
+        args[3], expected = (
+            str(tmp_path / "nope.jsonl"),
+            f"input file not found: {tmp_path / 'nope.jsonl'}",
+        )
+    elif case == "malformed_json":
+        prompts.write_text('{"prompt": "ok"}\n{"prompt": "fine"}\n{"prompt": "broken\n')
+        expected = f"{prompts}:3: not valid JSON"
+    elif case == "empty_prompt":
+        prompts.write_text('{"prompt": "ok"}\n{"prompt": "   "}\n')
+        expected = f"{prompts}:2: empty prompt"
+    elif case == "prompt_too_long":
+        prompts.write_text(
+            json.dumps({"prompt": "ok"})
+            + "\n"
+            + json.dumps({"prompt": "lighthouse keeper " * 3000})
+            + "\n"
+        )
+        expected = f"{prompts}:2: prompt is"
+    elif case == "unknown_model":
+        args[1], expected = str(tmp_path / "no-such-model"), "base model not found"
+    else:
+        assert main(["collect", *args]) == 0
+        args[-3], expected = "5", "max_new_tokens: stored 4, requested 5"
+    capsys.readouterr()
+    assert main(["collect", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dmtp collect: error: ") and expected in err[-1], err
+    if case == "other_configuration":
+        assert (
+            open_store(out).attrs["collection"]["max_new_tokens"] == 4
+        )  # the old store is untouched
+    else:
+        assert not (out / "collected_data_final").exists() or not open_store(out).complete
