@@ -131,3 +131,72 @@ def resolve_store_path(data_dir: str | Path) -> Path:
     if (path / STORE_DIRNAME / "zarr.json").exists():
         return path / STORE_DIRNAME
     return path
+
+
+@dataclass
+class ValidateConfig:
+    """`dmtp validate`: check a store's metadata, chunks and values before training on it."""
+
+    data_dir: str = option(
+        "dmtp_data",
+        f"the store, or the output_dir holding {STORE_DIRNAME}",
+        aliases=["train_data_dir", "store"],
+    )
+    report: str | None = option(None, "also write the report as JSON to this file")
+    sample: float = option(
+        1.0,
+        "fraction of row blocks to decode and check, for a quick look at a huge store; metadata, "
+        "chunk listings and shard indexes are always checked in full",
+    )
+    seed: int = option(0, "which row blocks --sample picks")
+    progress: bool = option(True, "show a progress bar (on stderr)")
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.sample <= 1.0, f"sample must be in (0, 1], got {self.sample}")
+
+
+@dataclass
+class DataConfig:
+    """Training examples from a store (`dmtp.data.create_dataloaders`).
+
+    Example `(shard, row l)`: condition `h_l`, labels `tokens[l : l + block_length]` of its own
+    sequence (-100 past its end).
+    """
+
+    block_length: int = option(4, "L: tokens predicted from one hidden state (label length)")
+    train_ratio: float = option(
+        0.9, "fraction of sequences (never positions: no leakage) for training; the rest validate"
+    )
+    max_samples: int | None = option(
+        None,
+        "use only the first sequences that hold this many samples (sample_size-token windows, "
+        "counted as at collection); for quick tests",
+    )
+    loss_on: str = option(
+        "response",
+        "positions that become examples: response (tokens[l] generated), prompt, or all",
+        choices=["response", "prompt", "all"],
+    )
+    shuffle_chunks: int = option(
+        16,
+        "store chunks mixed in the shuffle buffer; memory per loader worker is about "
+        "shuffle_chunks x chunk_rows x hidden_size x bytes per value",
+    )
+    split_seed: int = option(
+        0, "seed of the train/validation split (kept apart from the training seed)"
+    )
+    allow_incomplete: bool = option(
+        False, "train on the committed rows of a store whose collection has not finished"
+    )
+
+    def __post_init__(self) -> None:
+        check(self.block_length >= 1, f"block_length must be >= 1, got {self.block_length}")
+        check(
+            0.0 < self.train_ratio <= 1.0, f"train_ratio must be in (0, 1], got {self.train_ratio}"
+        )
+        check(self.max_samples is None or self.max_samples >= 1, "max_samples must be >= 1")
+        check(
+            self.loss_on in ("response", "prompt", "all"),
+            f"loss_on must be response, prompt or all, got {self.loss_on!r}",
+        )
+        check(self.shuffle_chunks >= 1, f"shuffle_chunks must be >= 1, got {self.shuffle_chunks}")
