@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from dmtp.config import StoreLayout
-from dmtp.store import STORAGE_DTYPES, SequenceRows, ShardWriter, Store, create_store, open_store
+from dmtp.store import (
+    STORAGE_DTYPES,
+    SequenceRows,
+    ShardWriter,
+    Store,
+    count_samples,
+    create_store,
+    open_store,
+)
 
 LOOKAHEAD = 3  # tokens t_l .. t_{l+2} shape h_l, with weights 1, 1/2, 1/4
 NOISE_STD = 0.1
@@ -125,11 +133,13 @@ def write_synthetic_store(
         raise ValueError(f"generated_from has {len(starts)} entries for {len(lengths)} sequences")
     store = create_store(
         path,
-        attrs={
-            "source": "dmtp.synthetic",
-            "seed": seed,
-            "sample_size": sample_size,
-            "stride": stride,
+        attrs={  # the keys dmtp.collect records that readers use
+            "collection": {
+                "mode": "synthetic",
+                "seed": seed,
+                "sample_size": sample_size,
+                "stride": stride,
+            },
         },
         hidden_size=hidden_size,
         vocab_size=vocab_size,
@@ -146,5 +156,5 @@ def write_synthetic_store(
             rows.sample_ids[:] = i
             writer.append(rows)
             writer.mark_resume_point()
-        writer.finish()
+        writer.finish({"n_samples": count_samples(writer.sequence_lengths, sample_size, stride)})
     return open_store(store.path)
