@@ -1,0 +1,150 @@
+"""dmtp.store: the layout, bf16 bits, commit/resume semantics of the single shard writer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dmtp.config import StoreLayout
+from dmtp.errors import StoreError
+from dmtp.store import (
+    ARRAY_NAMES,
+    ROW_ARRAYS,
+    SequenceRows,
+    ShardWriter,
+    count_samples,
+    create_store,
+    decode_hidden_states,
+    encode_hidden_states,
+    hidden_states_as_float32,
+    open_store,
+)
+
+LAYOUT = StoreLayout(chunk_rows=4, rows_per_file=8)
+
+
+def make_store(path, hidden_dtype="bfloat16", num_shards=1, **attrs):
+    return create_store(
+        path,
+        attrs={"run": "test", **attrs},
+        hidden_size=6,
+        vocab_size=50,
+        hidden_dtype=hidden_dtype,
+        num_shards=num_shards,
+        layout=LAYOUT,
+    )
+
+
+def sequence(
+    n: int, sample_id: int, seed: int, dtype=torch.bfloat16
+) -> tuple[SequenceRows, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, 6, generator=g).to(dtype)
+    ids = torch.randint(0, 50, (n + 1,), generator=g).numpy().astype(np.int32)
+    rows = SequenceRows(
+        encode_hidden_states(hidden),
+        ids[1:].copy(),
+        ids[:-1].copy(),
+        np.full(n, sample_id, np.int64),
+        np.arange(n) >= n // 2,
+    )
+    return rows, hidden
+
+
+def test_layout_has_the_design_arrays_and_attrs(tmp_path):
+    store = make_store(tmp_path / "s")
+    writer = ShardWriter(store, 0)
+    rows, _ = sequence(5, 0, 0)
+    writer.append(rows)
+    writer.finish()
+    store = open_store(tmp_path / "s", require_complete=True)
+    shard = store.shard(0)
+    assert sorted(shard.group.array_keys()) == sorted(ARRAY_NAMES)
+    assert (
+        shard.array("hidden_states").dtype == np.uint16
+        and store.attrs["hidden_dtype"] == "bfloat16"
+    )
+    assert {shard.array(n).dtype.name for n in ("tokens", "input_ids")} == {"int32"}
+    assert shard.array("sample_ids").dtype == np.int64 and shard.array("is_generated").dtype == bool
+    assert store.attrs["schema"] == "dmtp.store/1" and store.attrs["run"] == "test"
+    assert (shard.n_committed, shard.n_sequences, shard.complete) == (5, 1, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_hidden_states_round_trip_bit_exact(dtype):
+    hidden = (torch.randn(7, 6) * 1e5).to(dtype)  # bf16 holds values float16 would overflow on
+    stored = encode_hidden_states(hidden)
+    name = str(dtype).removeprefix("torch.")
+    assert torch.equal(decode_hidden_states(stored, name), hidden)
+    np.testing.assert_array_equal(hidden_states_as_float32(stored, name), hidden.float().numpy())
+
+
+def test_a_crash_loses_only_uncommitted_rows_and_resume_rewinds_to_them(tmp_path):
+    store = make_store(tmp_path / "s")
+    writer = ShardWriter(store, 0)
+    sequences = [sequence(n, i, i) for i, n in enumerate([5, 7, 3, 9, 4])]
+    for rows, _ in sequences[:3]:
+        writer.append(rows)
+        writer.mark_resume_point()
+    # 15 rows appended; one 8-row file flushed, so the newest resume point on disk is row 5.
+    del writer  # "crash": never finished
+    shard = open_store(tmp_path / "s").shard(0)
+    assert (shard.n_committed, shard.n_sequences, shard.complete) == (5, 1, False)
+
+    writer = ShardWriter(open_store(tmp_path / "s"), 0, resume=True)
+    assert (writer.total_rows, writer.n_sequences) == (5, 1)
+    for rows, _ in sequences[1:]:
+        writer.append(rows)
+        writer.mark_resume_point()
+    writer.finish()
+    shard = open_store(tmp_path / "s", require_complete=True).shard(0)
+    lengths = [5, 7, 3, 9, 4]
+    assert shard.sequence_offsets().tolist() == np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    stored = decode_hidden_states(shard.read_rows(0, 28).hidden_states, "bfloat16")
+    assert torch.equal(stored, torch.cat([h for _, h in sequences]))
+    for name in ROW_ARRAYS[1:]:
+        expected = np.concatenate([getattr(r, name) for r, _ in sequences])
+        assert np.array_equal(shard.read_rows(0, 28).__getattribute__(name), expected), name
+
+
+def test_readers_never_see_rows_past_n_committed(tmp_path):
+    store = make_store(tmp_path / "s")
+    writer = ShardWriter(store, 0)
+    rows, _ = sequence(12, 0, 0)
+    writer.append(rows)  # flushes 8 rows, but no resume point was marked: nothing is committed
+    shard = open_store(tmp_path / "s").shard(0)
+    assert shard.n_committed == 0 and len(shard.read_rows(0, 100)) == 0
+
+
+def test_a_second_writer_without_resume_is_refused(tmp_path):
+    store = make_store(tmp_path / "s")
+    ShardWriter(store, 0)
+    with pytest.raises(StoreError, match="already exists; pass --resume"):
+        ShardWriter(store, 0)
+
+
+def test_store_with_other_settings_is_refused_naming_the_difference(tmp_path):
+    make_store(tmp_path / "s", max_new_tokens=4)
+    make_store(tmp_path / "s", max_new_tokens=4)  # identical: opens (shard writers may race here)
+    with pytest.raises(StoreError, match="max_new_tokens: stored 4, requested 8"):
+        make_store(tmp_path / "s", max_new_tokens=8)
+
+
+def test_open_store_errors_name_the_path(tmp_path):
+    with pytest.raises(StoreError, match=f"{tmp_path}: no dmtp store here"):
+        open_store(tmp_path)
+    store = make_store(tmp_path / "s", num_shards=2)
+    writer = ShardWriter(store, 0)
+    writer.append(sequence(3, 0, 0)[0])
+    writer.finish()
+    assert not open_store(tmp_path / "s").complete  # shard 1 never ran
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(tmp_path / "s", require_complete=True)
+
+
+def test_count_samples_matches_sliding_windows():
+    # one 1000-token sequence, windows of 512 every 256 start at 0, 256 and 512 (the last one short)
+    assert count_samples([1000], 512, 256) == 3
+    assert count_samples([512, 100, 0], 512, 256) == 2
+    assert count_samples([1024], 512, 512) == 2
