@@ -200,3 +200,51 @@ class DataConfig:
             f"loss_on must be response, prompt or all, got {self.loss_on!r}",
         )
         check(self.shuffle_chunks >= 1, f"shuffle_chunks must be >= 1, got {self.shuffle_chunks}")
+
+
+@dataclass
+class ImportPtConfig:
+    """`dmtp import-pt`: convert the original scripts' `.pt` files into a store (streaming)."""
+
+    input_dir: str | None = option(
+        None,
+        "folder with hidden_states.pt [N, S, H], tokens.pt, input_ids.pt [N, S] and sample_ids.pt "
+        f"[N] (or the output_dir holding {STORE_DIRNAME}/ with them); also accepted positionally",
+    )
+    output_dir: str = option("dmtp_data", f"the store is written to <output_dir>/{STORE_DIRNAME}")
+    vocab_size: int | None = option(
+        None,
+        "the base model's vocabulary size (the .pt files do not record it; the head's mask token "
+        "defaults to this id); or pass --base_model_path",
+    )
+    base_model_path: str | None = option(
+        None, "read vocab_size from this model folder's config.json (no weights are loaded)"
+    )
+    stride: int | None = option(
+        None,
+        "step between windows of one sample at collection; default: found from the overlaps "
+        "(windows of one sample_id must agree on their overlap, which is stored once)",
+    )
+    generated: str = option(
+        "infer",
+        "which rows are generated (the .pt format does not say): infer = the longest tail where "
+        "input_ids[l+1] == tokens[l], as greedy generation makes it; all; none",
+        choices=["infer", "all", "none"],
+    )
+    overwrite: bool = option(False, "replace an existing store at the output path")
+    layout: StoreLayout = field(default_factory=StoreLayout, metadata={"help": "store chunking"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layout, dict):
+            self.layout = StoreLayout(**self.layout)
+        check(self.input_dir is not None, "pass the folder of .pt files: dmtp import-pt DIR")
+        check(self.vocab_size is None or self.vocab_size >= 1, "vocab_size must be >= 1")
+        check(self.stride is None or self.stride >= 1, f"stride must be >= 1, got {self.stride}")
+        check(
+            self.generated in ("infer", "all", "none"),
+            f"generated must be infer, all or none, got {self.generated!r}",
+        )
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.output_dir) / STORE_DIRNAME
