@@ -130,8 +130,8 @@ class StoreIndex:
         included = n
         if max_samples is not None:
             collection = store.attrs.get("collection", {})
-            sample_size = int(collection.get("sample_size", 512))
-            stride = int(collection.get("stride", 256))
+            sample_size = int(collection.get("sample_size") or 512)
+            stride = int(collection.get("stride") or sample_size)
             samples = [count_samples([lengths[i]], sample_size, stride) for i in prompt_order]
             # whole sequences, up to and including the one that reaches max_samples
             included = min(int(np.searchsorted(np.cumsum(samples), max_samples)) + 1, n)
