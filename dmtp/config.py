@@ -134,6 +134,102 @@ def resolve_store_path(data_dir: str | Path) -> Path:
 
 
 @dataclass
+class EvalConfig:
+    """`dmtp evaluate`: greedy speculative decoding with a head as drafter (DESIGN §5).
+
+    Every prompt is decoded three ways, side by side in one run: plain greedy (the reference and the
+    speed baseline), with the head drafting, and with prompt-lookup drafting (the training-free
+    baseline). Speculative output must equal greedy output token for token.
+    """
+
+    base_model_path: str | None = option(
+        None, "HF model folder, hub id or .gguf file; default: the embedded SmolLM2-135M-Instruct"
+    )
+    head_path: str | None = option(
+        None, "trained head folder (save_pretrained output); without it only prompt lookup runs"
+    )
+    input_data_path: str | None = option(
+        None,
+        "held-out prompts: JSONL with `prompt` (LongWriter), `messages` or `turns` (MT-Bench / "
+        "Spec-Bench: the first turn), optional `category`. Default: the demo's held-out prompts",
+    )
+    output: str | None = option(None, "write the results as JSON to this file")
+    max_new_tokens: int = option(
+        256, "tokens to generate per prompt (capped by the model's context)"
+    )
+    max_prompts: int | None = option(None, "evaluate only the first N prompts")
+    block_length: int | None = option(
+        None, "L, tokens per drafted block (the bonus token + L-1 drafts); default: the head's own"
+    )
+    denoising_steps: int = option(
+        1,
+        "K, head forwards per draft: unmask the most confident positions in K steps "
+        "(1 = all at once)",
+    )
+    first_position: str = option(
+        "clean",
+        "position 0 of the drafted block: `clean` = the base model's bonus token, known at draft "
+        "time; `masked` = the fully-masked variant (the head guesses it too)",
+        choices=["clean", "masked"],
+    )
+    prompt_lookup: bool = option(True, "also run the prompt-lookup (n-gram) baseline")
+    prompt_lookup_max_ngram: int = option(3, "longest suffix n-gram prompt lookup matches")
+    prompt_lookup_num_tokens: int | None = option(
+        None,
+        "drafts per round for prompt lookup; default block_length-1, so both verify equal blocks",
+    )
+    device: str = option("auto", "cuda, cuda:N, cpu, or auto (cuda when available)")
+    dtype: str = option(
+        "auto",
+        "base model dtype: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32",
+        choices=["auto", "bfloat16", "float16", "float32"],
+    )
+    warmup_tokens: int = option(
+        16, "tokens decoded each way before timing starts (first calls allocate and warm caches)"
+    )
+    mlflow_tracking_uri: str | None = option(
+        None,
+        "log results to this MLflow tracking store or server (e.g. sqlite:///mlflow.db); default "
+        "$MLFLOW_TRACKING_URI; neither set: no logging",
+    )
+    mlflow_run_id: str | None = option(
+        None, "log into this run (e.g. the head's training run); unset: a new run, linked by tag"
+    )
+    experiment_name: str = option("dmtp", "MLflow experiment of a new evaluation run")
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check(self.max_prompts is None or self.max_prompts >= 1, "max_prompts must be >= 1")
+        check(
+            self.block_length is None or self.block_length >= 2,
+            "block_length must be >= 2 (the bonus token plus at least one draft), "
+            f"got {self.block_length}",
+        )
+        check(
+            self.denoising_steps >= 1, f"denoising_steps must be >= 1, got {self.denoising_steps}"
+        )
+        check(self.first_position in ("clean", "masked"), "first_position must be clean or masked")
+        check(self.prompt_lookup_max_ngram >= 1, "prompt_lookup_max_ngram must be >= 1")
+        check(
+            self.prompt_lookup_num_tokens is None or self.prompt_lookup_num_tokens >= 1,
+            "prompt_lookup_num_tokens must be >= 1",
+        )
+        check(self.warmup_tokens >= 0, f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
+        check(
+            self.head_path is not None or self.prompt_lookup,
+            "nothing to evaluate: pass --head_path, or leave the prompt-lookup baseline on",
+        )
+        check(
+            self.head_path is not None or self.block_length is not None,
+            "without --head_path, pass --block_length for the prompt-lookup baseline",
+        )
+
+    @property
+    def prompts_path(self) -> Path:
+        return Path(self.input_data_path) if self.input_data_path else DEMO_EVAL_PROMPTS
+
+
+@dataclass
 class ValidateConfig:
     """`dmtp validate`: check a store's metadata, chunks and values before training on it."""
 

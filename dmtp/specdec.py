@@ -1,0 +1,384 @@
+"""Greedy speculative decoding with the base model's KV cache, and the drafters it can use.
+
+One round (DESIGN §5), batch size 1:
+
+    committed:  prompt ... b        b = the bonus token, the base model's argmax after the last
+                                    processed position; h = the last-layer state there
+    draft:      d_1 ... d_n = drafter(h, b, committed)          n <= L - 1
+    verify:     one base forward over [b, d_1 ... d_n] -> argmax y_0 ... y_n
+    accept:     the longest prefix with d_i == y_{i-1}: k drafts, plus the new bonus y_k
+    roll back:  crop the cache to the committed tokens (the prefix is never recomputed)
+
+so a round commits k + 1 tokens and τ = mean(k + 1). Because every committed token is the base
+model's own argmax given the tokens before it, the output is plain greedy decoding's, token for
+token; `dmtp.evaluate` checks that on every prompt.
+
+The cache invariant, checked after every round: the cache holds every committed token except the
+newest one (the bonus token), whose keys and values the next round's verification computes.
+
+Drafters implement `Drafter`: `HeadDrafter` (a diffusion MTP head), `PromptLookupDrafter` (n-gram
+lookup, training-free), and for tests `OracleDrafter` (the base model's own continuation) and
+`RandomDrafter`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class DraftContext:
+    """What a drafter sees at the start of a round."""
+
+    hidden_state: torch.Tensor  # [H] the base model's last-layer state that produced `bonus_token`
+    bonus_token: int  # committed, not yet fed to the base model
+    sequence: list[int]  # every committed token: the prompt, the generated ones, `bonus_token` last
+    num_tokens: int  # propose at most this many drafts (block_length - 1, fewer near the end)
+
+
+class Drafter(Protocol):
+    """Proposes the tokens after the bonus token; the base model verifies them."""
+
+    name: str
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        """Called once per prompt, outside the timed decoding."""
+
+    def draft(self, context: DraftContext) -> list[int]:
+        """Up to `context.num_tokens` proposed tokens (fewer, or none, is allowed)."""
+
+
+def _synchronize(device: torch.device) -> None:
+    # CUDA calls are asynchronous: without this, time lands in whichever call blocks next.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timer:
+    """Accumulates wall time of the blocks it wraps (device-synchronised)."""
+
+    device: torch.device
+    seconds: float = 0.0
+
+    def __enter__(self) -> Timer:
+        _synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+
+def _forward(
+    model: Any, input_ids: list[int], cache: Any, last_only: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed `input_ids` after the cached prefix: (logits [T, V], last-layer states [T, H]).
+
+    `last_only` keeps only the last position (a prefill needs nothing else). The state is
+    `hidden_states[-1]`, after the final norm: what `dmtp collect` stores and the head was trained on.
+    """
+    ids = torch.tensor([input_ids], dtype=torch.long, device=model.device)
+    out = model(
+        input_ids=ids,
+        cache=cache,
+        use_cache=True,
+        output_hidden_states=True,
+        logits_to_keep=1 if last_only else 0,
+    )
+    hidden = out.hidden_states[-1][0]
+    return out.logits[0], hidden[-1:] if last_only else hidden
+
+
+def new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _rollback(cache: Any, keep: int) -> None:
+    """Drop cached positions past `keep` (the rejected drafts)."""
+    surplus = cache.get_seq_length() - keep
+    if surplus > 0:
+        cache.crop(-surplus)  # transformers 5: a negative count removes that many positions
+
+
+# ----------------------------------------------------------------------------------------------
+# plain greedy decoding: the reference and the speed baseline
+
+
+@dataclass
+class GreedyResult:
+    tokens: list[int]  # generated tokens, EOS included when reached
+    seconds: float
+    margins: list[float]  # top-1 minus top-2 logit at each step: small = a near-tie
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: Any, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_ids: Sequence[int]
+) -> GreedyResult:
+    """Plain greedy decoding with a KV cache, one base forward per token (the same forward call
+    speculative decoding uses, so the two are timed on equal terms)."""
+    eos = set(eos_token_ids)
+    cache = new_cache(model)
+    tokens: list[int] = []
+    margins: list[float] = []
+    timer = Timer(model.device)
+    with timer:
+        logits, _ = _forward(model, list(prompt_ids), cache, last_only=True)
+        while True:
+            top = torch.topk(logits[-1].float(), 2)
+            token = int(top.indices[0])
+            tokens.append(token)
+            margins.append(float(top.values[0] - top.values[1]))
+            if token in eos or len(tokens) >= max_new_tokens:
+                break
+            logits, _ = _forward(model, [token], cache)
+    return GreedyResult(tokens, timer.seconds, margins)
+
+
+# ----------------------------------------------------------------------------------------------
+# speculative decoding
+
+
+@dataclass
+class Round:
+    """One draft-and-verify round."""
+
+    drafted: int  # drafts proposed
+    accepted: int  # drafts accepted (the longest matching prefix)
+    committed: int  # tokens this round added: accepted + 1, less after an EOS or the token limit
+    cache_length: int  # the base model's cache length after the rollback
+    sequence_length: int  # committed tokens after the round, prompt included
+
+
+@dataclass
+class SpecResult:
+    tokens: list[int]  # generated tokens (the first comes from the prefill, not from a round)
+    rounds: list[Round] = field(default_factory=list)
+    seconds: float = 0.0  # the whole decoding, prefill included
+    draft_seconds: float = 0.0  # inside the drafter
+    base_seconds: float = 0.0  # inside base model forwards (prefill and verifications)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per round, the bonus token included (1 = no gain)."""
+        return sum(r.committed for r in self.rounds) / len(self.rounds) if self.rounds else 1.0
+
+
+class CacheInvariantError(RuntimeError):
+    """The cache does not hold exactly the committed tokens: a bug, never a user error."""
+
+
+@torch.inference_mode()
+def speculative_decode(
+    model: Any,
+    drafter: Drafter,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    block_length: int,
+    eos_token_ids: Sequence[int],
+) -> SpecResult:
+    """Greedy speculative decoding of one prompt; drafts are at most `block_length - 1` tokens."""
+    if block_length < 2:
+        raise ValueError(f"block_length must be >= 2, got {block_length}")
+    eos = set(eos_token_ids)
+    device = model.device
+    total, drafting, verifying = Timer(device), Timer(device), Timer(device)
+    cache = new_cache(model)
+    drafter.start(prompt_ids)
+    sequence = list(prompt_ids)
+    result = SpecResult(tokens=[])
+    with total:
+        with verifying:
+            logits, hidden = _forward(model, sequence, cache, last_only=True)
+        bonus, state = int(logits[-1].argmax()), hidden[-1]
+        sequence.append(bonus)
+        result.tokens.append(bonus)
+        while result.tokens[-1] not in eos and len(result.tokens) < max_new_tokens:
+            # A round commits drafts + 1 tokens: never draft past the token limit.
+            budget = min(block_length - 1, max_new_tokens - len(result.tokens) - 1)
+            drafts: list[int] = []
+            if budget > 0:
+                context = DraftContext(state, bonus, sequence, budget)
+                with drafting:
+                    drafts = list(drafter.draft(context))[:budget]
+            with verifying:
+                logits, hidden = _forward(model, [bonus, *drafts], cache)
+                # predicted[i] is the base model's token after [bonus, *drafts][i].
+                predicted = logits.argmax(dim=-1).tolist()
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == predicted[accepted]:
+                accepted += 1
+            new = [*drafts[:accepted], predicted[accepted]]
+            # Keep the bonus token and the accepted drafts; the rejected drafts' entries go.
+            _rollback(cache, len(sequence) + accepted)
+            bonus, state = new[-1], hidden[accepted]
+            sequence.extend(new)
+            cache_length = cache.get_seq_length()
+            if cache_length != len(sequence) - 1:
+                raise CacheInvariantError(
+                    f"after round {len(result.rounds) + 1} the cache holds {cache_length} positions, "
+                    f"expected {len(sequence) - 1} (every committed token but the bonus)"
+                )
+            # Greedy decoding stops at the first EOS: drop what a round accepted after it.
+            stop = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+            new = new[:stop]
+            result.tokens.extend(new)
+            result.rounds.append(
+                Round(len(drafts), accepted, len(new), cache_length, len(sequence))
+            )
+    result.seconds = total.seconds
+    result.draft_seconds, result.base_seconds = drafting.seconds, verifying.seconds
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# drafters
+
+
+class HeadDrafter:
+    """A diffusion MTP head: denoise a masked block conditioned on h in K steps (DESIGN §4, §5).
+
+    The block starts as `[bonus, MASK, ..., MASK]` (`first_position="clean"`, the bonus token is
+    known) or all MASK (`"masked"`). Each of the K head forwards fills the most confident masked
+    positions (max softmax probability), spread evenly so all are filled after K steps; K = 1
+    fills them all at once. Positions 1..L-1 are the drafts.
+    """
+
+    name = "head"
+
+    def __init__(
+        self,
+        head: Any,
+        block_length: int,
+        mask_token_id: int,
+        base_vocab_size: int,
+        denoising_steps: int = 1,
+        first_position: str = "clean",
+    ):
+        if first_position not in ("clean", "masked"):
+            raise ValueError(f"first_position must be clean or masked, got {first_position!r}")
+        masked = block_length - 1 if first_position == "clean" else block_length
+        if not 1 <= denoising_steps <= masked:
+            raise ValueError(
+                f"denoising_steps must be in [1, {masked}] (the masked positions), got {denoising_steps}"
+            )
+        self.head = head
+        self.block_length = block_length
+        self.mask_token_id = mask_token_id
+        self.base_vocab_size = base_vocab_size
+        self.denoising_steps = denoising_steps
+        self.first_position = first_position
+        parameter = next(head.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.attention_mask = torch.ones((1, block_length), dtype=torch.long, device=self.device)
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        pass
+
+    def _token_logits(self, block: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Head logits over base-vocabulary tokens only: [L, V_base] (the mask row is never a draft)."""
+        logits = self.head(
+            in_hidden_states=condition, input_ids=block, attention_mask=self.attention_mask
+        ).logits[0]
+        logits = logits[:, : self.base_vocab_size].float()
+        if self.mask_token_id < self.base_vocab_size:
+            logits[:, self.mask_token_id] = -math.inf
+        return logits
+
+    @torch.inference_mode()
+    def draft(self, context: DraftContext) -> list[int]:
+        block = torch.full(
+            (1, self.block_length), self.mask_token_id, dtype=torch.long, device=self.device
+        )
+        if self.first_position == "clean":
+            block[0, 0] = context.bonus_token
+        condition = context.hidden_state.to(device=self.device, dtype=self.dtype).reshape(1, -1)
+        for step in range(self.denoising_steps):
+            masked = block[0] == self.mask_token_id
+            remaining = int(masked.sum())
+            if remaining == 0:
+                break
+            probabilities = torch.softmax(self._token_logits(block, condition), dim=-1)
+            confidence, tokens = probabilities.max(dim=-1)
+            confidence = confidence.masked_fill(~masked, -1.0)
+            count = math.ceil(remaining / (self.denoising_steps - step))
+            chosen = confidence.topk(count).indices
+            block[0, chosen] = tokens[chosen]
+        return block[0, 1 : 1 + context.num_tokens].tolist()
+
+
+class PromptLookupDrafter:
+    """Prompt lookup (n-gram) drafting: find the latest earlier occurrence of the sequence's last
+    n tokens (longest n first) and propose what followed it. Training-free, the baseline a head
+    has to beat."""
+
+    name = "prompt_lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int | None = None):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram, self.num_tokens = max_ngram, min_ngram, num_tokens
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        pass
+
+    def draft(self, context: DraftContext) -> list[int]:
+        sequence = context.sequence
+        limit = (
+            context.num_tokens
+            if self.num_tokens is None
+            else min(self.num_tokens, context.num_tokens)
+        )
+        for n in range(min(self.max_ngram, len(sequence) - 1), self.min_ngram - 1, -1):
+            suffix = sequence[-n:]
+            # Latest match first: recent text predicts the continuation best.
+            for start in range(len(sequence) - n - 1, -1, -1):
+                if sequence[start : start + n] == suffix:
+                    return sequence[start + n : start + n + limit]
+        return []
+
+
+class OracleDrafter:
+    """Drafts the base model's own greedy continuation (precomputed): every draft is accepted."""
+
+    name = "oracle"
+
+    def __init__(self, model: Any, max_new_tokens: int, eos_token_ids: Sequence[int]):
+        self.model, self.max_new_tokens, self.eos_token_ids = model, max_new_tokens, eos_token_ids
+        self.reference: list[int] = []
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        greedy = greedy_decode(self.model, prompt_ids, self.max_new_tokens, self.eos_token_ids)
+        self.reference = [*prompt_ids, *greedy.tokens]
+
+    def draft(self, context: DraftContext) -> list[int]:
+        position = len(context.sequence)
+        return self.reference[position : position + context.num_tokens]
+
+
+class RandomDrafter:
+    """Uniformly random tokens: almost always rejected, so τ stays near 1 and losslessness shows."""
+
+    name = "random"
+
+    def __init__(self, vocab_size: int, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        pass
+
+    def draft(self, context: DraftContext) -> list[int]:
+        return torch.randint(
+            self.vocab_size, (context.num_tokens,), generator=self.generator
+        ).tolist()
