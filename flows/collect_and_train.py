@@ -1,0 +1,535 @@
+"""The `collect-and-train` flow: collect -> validate -> train -> evaluate, cached and retryable.
+
+    python -m flows.demo                                            # the whole job, embedded default
+    prefect deploy --all && prefect deployment run collect-and-train/gpu   # on the gpu-pool workers
+
+Every stage is a task that launches a dmtp entry point as a child process (DESIGN §6). A rerun with
+the same inputs finds each stage's manifest under the data root and redoes nothing; a changed
+training setting retrains on the cached store; a failed task is retried by Prefect, an interrupted
+shard resumes from its committed rows. Parameter defaults are the dmtp config dataclasses' own
+(tests/test_prefect_yaml.py checks they agree).
+
+Also here: `collect` (collect and validate only) and `train` (train and evaluate on an existing
+store).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from dmtp.config import CollectConfig, DataConfig, EvalConfig, StoreLayout, TrainConfig
+from tasks.collect import collect_shard, model_name, plan_collection
+from tasks.evaluate import evaluate_head
+from tasks.launch import visible_gpus
+from tasks.manifests import CollectionPlan, HeadManifest, ShardManifest, StoreManifest
+from tasks.train import train_config, train_head
+from tasks.validate import StoreInvalid, plan_existing_store, validate_store
+
+DATA_ROOT_ENV = "DMTP_DATA_ROOT"
+DEFAULT_DATA_ROOT = "runs"  # relative to the working directory: the checkout, for a worker
+RETRY_DELAY_ENV = "DMTP_RETRY_DELAY_SECONDS"  # e.g. "1" in tests: shorter backoff, same retries
+
+
+def field_defaults(config_class: type) -> dict[str, Any]:
+    """A config dataclass's defaults by field name (without running its checks)."""
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(config_class)
+    }
+
+
+COLLECT = field_defaults(CollectConfig)
+LAYOUT = field_defaults(StoreLayout)
+TRAIN = field_defaults(TrainConfig)
+DATA = field_defaults(DataConfig)
+EVAL = field_defaults(EvalConfig)
+
+# Flow parameter -> (config class, field) it feeds. One source of truth for every default:
+# tests/test_prefect_yaml.py checks each default below against the dataclass field.
+PARAMETER_SOURCES: dict[str, tuple[type, str]] = {
+    "base_model_path": (CollectConfig, "base_model_path"),
+    "input_data_path": (CollectConfig, "input_data_path"),
+    "max_new_tokens": (CollectConfig, "max_new_tokens"),
+    "batch_size": (CollectConfig, "batch_size"),
+    "max_samples": (CollectConfig, "max_samples"),
+    "sample_size": (CollectConfig, "sample_size"),
+    "stride": (CollectConfig, "stride"),
+    "temperature": (CollectConfig, "temperature"),
+    "collect_seed": (CollectConfig, "seed"),
+    "dtype": (CollectConfig, "dtype"),
+    "device": (CollectConfig, "device"),
+    "num_shards": (CollectConfig, "num_shards"),
+    "chunk_rows": (StoreLayout, "chunk_rows"),
+    "rows_per_file": (StoreLayout, "rows_per_file"),
+    "compressor": (StoreLayout, "compressor"),
+    "block_length": (DataConfig, "block_length"),
+    "loss_on": (DataConfig, "loss_on"),
+    "train_ratio": (DataConfig, "train_ratio"),
+    "num_hidden_layers": (TrainConfig, "num_hidden_layers"),
+    "per_device_train_batch_size": (TrainConfig, "per_device_train_batch_size"),
+    "num_train_epochs": (TrainConfig, "num_train_epochs"),
+    "max_steps": (TrainConfig, "max_steps"),
+    "learning_rate": (TrainConfig, "learning_rate"),
+    "warmup_steps": (TrainConfig, "warmup_steps"),
+    "scheduler_type": (TrainConfig, "scheduler_type"),
+    "loss_weight_type": (TrainConfig, "loss_weight_type"),
+    "train_seed": (TrainConfig, "seed"),
+    "logging_steps": (TrainConfig, "logging_steps"),
+    "save_steps": (TrainConfig, "save_steps"),
+    "experiment_name": (TrainConfig, "experiment_name"),
+    "mlflow_tracking_uri": (TrainConfig, "mlflow_tracking_uri"),
+    "deepspeed": (TrainConfig, "deepspeed"),
+    "eval_input_data_path": (EvalConfig, "input_data_path"),
+    "eval_max_new_tokens": (EvalConfig, "max_new_tokens"),
+    "eval_max_prompts": (EvalConfig, "max_prompts"),
+    "denoising_steps": (EvalConfig, "denoising_steps"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the flows
+
+
+def resolve_data_root(data_root: str | None) -> Path:
+    """The parameter, else $DMTP_DATA_ROOT (a deployment's job variable), else ./runs; absolute."""
+    chosen = data_root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT
+    return Path(chosen).expanduser().resolve()
+
+
+def resolve_tracking_uri(mlflow_tracking_uri: str | None, root: Path) -> str:
+    """The parameter, else $MLFLOW_TRACKING_URI, else a SQLite store in the data root."""
+    return (
+        mlflow_tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{root / 'mlflow.db'}"
+    )
+
+
+def configured(task: Any, root: Path, refresh_cache: bool) -> Any:
+    """`task` with its manifests stored under the data root, where every worker reads them."""
+    options: dict[str, Any] = {"result_storage": root / "results"}
+    if refresh_cache:
+        options["refresh_cache"] = True
+    if os.environ.get(RETRY_DELAY_ENV):
+        options["retry_delay_seconds"] = [float(s) for s in os.environ[RETRY_DELAY_ENV].split(",")]
+    return task.with_options(**options)
+
+
+def _cached(state: Any) -> bool:
+    return state.name == "Cached"
+
+
+def collect_store(
+    plan: CollectionPlan,
+    root: Path,
+    *,
+    gpus: list[str],
+    max_parallel_shards: int | None,
+    refresh_cache: bool,
+    stall_timeout_s: float,
+) -> tuple[StoreManifest, dict[str, bool]]:
+    """Collect every shard (waves of at most `max_parallel_shards`), then validate the store.
+
+    When validation fails on shards that came from the cache, those shards are collected again
+    from scratch, once; any other validation failure stops the flow here, before training.
+    Returns the store's manifest and, per stage, whether it was served from the cache.
+    """
+    logger = get_run_logger()
+    collect = configured(collect_shard, root, refresh_cache)
+    parallel = max_parallel_shards or max(1, len(gpus))
+    shards: dict[int, ShardManifest] = {}
+    cached: dict[int, bool] = {}
+    for start in range(0, plan.num_shards, parallel):
+        wave = list(range(start, min(plan.num_shards, start + parallel)))
+        futures = [
+            collect.submit(
+                plan,
+                k,
+                gpu=gpus[slot % len(gpus)] if gpus else None,
+                stall_timeout_s=stall_timeout_s,
+            )
+            for slot, k in enumerate(wave)
+        ]
+        for k, future in zip(wave, futures, strict=True):
+            shards[k] = future.result()
+            cached[k] = _cached(future.state)
+    manifests = [shards[k] for k in range(plan.num_shards)]
+
+    validate = configured(validate_store, root, refresh_cache)
+    state = validate(plan, manifests, stall_timeout_s=stall_timeout_s, return_state=True)
+    if state.is_failed():
+        error = state.result(raise_on_failure=False)
+        repairable = [k for k in getattr(error, "bad_shards", []) if cached.get(k)]
+        if not isinstance(error, StoreInvalid) or not repairable:
+            raise error if isinstance(error, BaseException) else RuntimeError(state.message)
+        logger.warning(
+            "cached shard(s) %s fail validation (%s); collecting them again", repairable, error
+        )
+        rebuild = collect.with_options(refresh_cache=True)
+        for k in repairable:
+            shards[k] = rebuild(plan, k, gpu=gpus[0] if gpus else None, rebuild=True)
+            cached[k] = False
+        manifests = [shards[k] for k in range(plan.num_shards)]
+        state = validate(plan, manifests, stall_timeout_s=stall_timeout_s, return_state=True)
+    store: StoreManifest = state.result()  # raises StoreInvalid: the flow stops before training
+    return store, {"collect": all(cached.values()), "validate": _cached(state)}
+
+
+def train_and_evaluate(
+    store: StoreManifest,
+    root: Path,
+    *,
+    train_settings: dict[str, Any],
+    eval_settings: dict[str, Any] | None,
+    tracking_uri: str,
+    gpus: list[str],
+    nproc_per_node: int | None,
+    refresh_cache: bool,
+    stall_timeout_s: float,
+) -> tuple[HeadManifest, Any, dict[str, bool]]:
+    """Train a head on `store` with one rank per GPU (one on CPU), then evaluate it if asked."""
+    nproc = nproc_per_node or max(1, len(gpus))
+    train = configured(train_head, root, refresh_cache)
+    state = train(
+        store,
+        train_settings,
+        str(root),
+        tracking_uri,
+        nproc_per_node=nproc,
+        gpus=gpus[:nproc] if gpus else None,
+        stall_timeout_s=stall_timeout_s,
+        return_state=True,
+    )
+    head: HeadManifest = state.result()
+    cached = {"train": _cached(state)}
+    evaluation = None
+    if eval_settings is not None:
+        evaluate = configured(evaluate_head, root, refresh_cache)
+        eval_state = evaluate(
+            head,
+            store,
+            eval_settings,
+            gpu=gpus[0] if gpus else None,
+            stall_timeout_s=stall_timeout_s,
+            return_state=True,
+        )
+        evaluation = eval_state.result()
+        cached["evaluate"] = _cached(eval_state)
+    return head, evaluation, cached
+
+
+def summarize(
+    store: StoreManifest, head: HeadManifest | None, evaluation: Any, cached: dict[str, bool]
+) -> dict[str, Any]:
+    """What a flow returns and logs last: where everything is and the figures that matter."""
+    summary: dict[str, Any] = {
+        "model": store.model.name,
+        "store": store.store_path,
+        "store_rows": store.rows,
+        "store_sequences": store.sequences,
+        "cached": cached,
+    }
+    if head is not None:
+        summary.update(
+            head=head.head_path,
+            mlflow_tracking_uri=head.mlflow_tracking_uri,
+            mlflow_run_id=head.mlflow_run_id,
+            mlflow_experiment=head.mlflow_experiment,
+            metrics=head.metrics,
+        )
+    if evaluation is not None:
+        summary.update(
+            evaluation=evaluation.report_path,
+            acceptance_length=evaluation.acceptance_length,
+            speedup=evaluation.speedup,
+            prompt_lookup_acceptance_length=evaluation.prompt_lookup_acceptance_length,
+        )
+    return summary
+
+
+def headline(summary: dict[str, Any]) -> str:
+    parts = [f"{summary['model']}: store {summary['store_rows']:,} rows"]
+    if summary.get("acceptance_length") is not None:
+        parts.append(
+            f"head τ={summary['acceptance_length']:.2f} speedup {summary['speedup']:.2f}x"
+            + (
+                f" (prompt lookup τ={summary['prompt_lookup_acceptance_length']:.2f})"
+                if summary.get("prompt_lookup_acceptance_length") is not None
+                else ""
+            )
+        )
+    if summary.get("mlflow_run_id"):
+        parts.append(f"MLflow run {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}")
+    cached = [stage for stage, hit in summary["cached"].items() if hit]
+    if cached:
+        parts.append(f"cached: {', '.join(cached)}")
+    return "; ".join(parts)
+
+
+def _run_name(flow_name: str) -> str:
+    parameters = flow_run.parameters
+    if "train_data_dir" in parameters:
+        return f"{flow_name} on {Path(parameters['train_data_dir']).name}"
+    shards = parameters.get("num_shards", 1)
+    return f"{flow_name} {model_name(parameters.get('base_model_path'))} x{shards} shard{'s' * (shards > 1)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# flows
+
+
+@flow(
+    name="collect-and-train",
+    flow_run_name=lambda: _run_name("collect-and-train"),
+    persist_result=False,  # the summary is logged and returned; nothing of it needs pickling
+)
+def collect_and_train(
+    base_model_path: str | None = COLLECT["base_model_path"],
+    input_data_path: str | None = COLLECT["input_data_path"],
+    data_root: str | None = None,
+    # collection
+    max_new_tokens: int = COLLECT["max_new_tokens"],
+    batch_size: int = COLLECT["batch_size"],
+    max_samples: int | None = COLLECT["max_samples"],
+    sample_size: int = COLLECT["sample_size"],
+    stride: int = COLLECT["stride"],
+    temperature: float = COLLECT["temperature"],
+    collect_seed: int = COLLECT["seed"],
+    dtype: str = COLLECT["dtype"],
+    num_shards: int = COLLECT["num_shards"],
+    chunk_rows: int = LAYOUT["chunk_rows"],
+    rows_per_file: int = LAYOUT["rows_per_file"],
+    compressor: str = LAYOUT["compressor"],
+    # training
+    block_length: int = DATA["block_length"],
+    loss_on: str = DATA["loss_on"],
+    train_ratio: float = DATA["train_ratio"],
+    num_hidden_layers: int = TRAIN["num_hidden_layers"],
+    per_device_train_batch_size: int = TRAIN["per_device_train_batch_size"],
+    num_train_epochs: float = TRAIN["num_train_epochs"],
+    max_steps: int | None = TRAIN["max_steps"],
+    learning_rate: float = TRAIN["learning_rate"],
+    warmup_steps: int = TRAIN["warmup_steps"],
+    scheduler_type: str = TRAIN["scheduler_type"],
+    loss_weight_type: str = TRAIN["loss_weight_type"],
+    train_seed: int = TRAIN["seed"],
+    logging_steps: int = TRAIN["logging_steps"],
+    save_steps: int = TRAIN["save_steps"],
+    experiment_name: str = TRAIN["experiment_name"],
+    mlflow_tracking_uri: str | None = TRAIN["mlflow_tracking_uri"],
+    deepspeed: str | None = TRAIN["deepspeed"],
+    train_options: dict[str, Any] | None = None,
+    nproc_per_node: int | None = None,
+    # evaluation
+    evaluate: bool = True,
+    eval_input_data_path: str | None = EVAL["input_data_path"],
+    eval_max_new_tokens: int = EVAL["max_new_tokens"],
+    eval_max_prompts: int | None = EVAL["max_prompts"],
+    denoising_steps: int = EVAL["denoising_steps"],
+    # operations
+    device: str = COLLECT["device"],
+    refresh_cache: bool = False,
+    max_parallel_shards: int | None = None,
+    stall_timeout_minutes: float = 60.0,
+) -> dict[str, Any]:
+    """Collect hidden states from a base model, validate them, train a diffusion MTP head, evaluate it.
+
+    data_root: where stores, heads, logs and the stages' cached manifests go (shared by every
+        worker); default $DMTP_DATA_ROOT, else ./runs.
+    train_options: any other TrainConfig/DataConfig field, e.g. {"kappa": 3.0, "eval_steps": 50}.
+    nproc_per_node: training ranks; default one per visible GPU, one on a CPU host.
+    evaluate: run speculative decoding with the head (τ, speedup) and attach it to the MLflow run.
+    refresh_cache: redo every stage even where a cached result exists.
+    max_parallel_shards: shards collected at once; default one per visible GPU (1 on CPU).
+    stall_timeout_minutes: kill and retry a stage that printed nothing and wrote nothing this long.
+    """
+    logger = get_run_logger()
+    root = resolve_data_root(data_root)
+    tracking_uri = resolve_tracking_uri(mlflow_tracking_uri, root)
+    train_settings = _train_settings(locals())
+    train_config(train_settings)  # a bad training setting fails now, not after hours of collection
+    eval_settings = _eval_settings(locals()) if evaluate else None
+    gpus = visible_gpus()
+    logger.info("data root %s, MLflow %s, GPUs %s", root, tracking_uri, gpus or "none (CPU)")
+    plan = configured(plan_collection, root, refresh_cache)(
+        base_model_path,
+        input_data_path,
+        _collect_settings(locals()),
+        num_shards,
+        str(root),
+    )
+    stall_s = stall_timeout_minutes * 60
+    store, cached = collect_store(
+        plan,
+        root,
+        gpus=gpus,
+        max_parallel_shards=max_parallel_shards,
+        refresh_cache=refresh_cache,
+        stall_timeout_s=stall_s,
+    )
+    head, evaluation, train_cached = train_and_evaluate(
+        store,
+        root,
+        train_settings=train_settings,
+        eval_settings=eval_settings,
+        tracking_uri=tracking_uri,
+        gpus=gpus,
+        nproc_per_node=nproc_per_node,
+        refresh_cache=refresh_cache,
+        stall_timeout_s=stall_s,
+    )
+    summary = summarize(store, head, evaluation, {**cached, **train_cached})
+    logger.info(headline(summary))
+    return summary
+
+
+def _train_settings(parameters: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig/DataConfig fields from a flow's parameters, `train_options` merged in."""
+    settings = {
+        name: parameters[name]
+        for name in (
+            "block_length", "loss_on", "train_ratio", "num_hidden_layers",
+            "per_device_train_batch_size", "num_train_epochs", "max_steps", "learning_rate",
+            "warmup_steps", "scheduler_type", "loss_weight_type", "logging_steps", "save_steps",
+            "experiment_name", "deepspeed", "device",
+        )
+    }  # fmt: skip
+    return {**settings, "seed": parameters["train_seed"], **(parameters["train_options"] or {})}
+
+
+def _eval_settings(parameters: dict[str, Any]) -> dict[str, Any]:
+    """EvalConfig fields from a flow's parameters."""
+    return {
+        "input_data_path": parameters["eval_input_data_path"],
+        "max_new_tokens": parameters["eval_max_new_tokens"],
+        "max_prompts": parameters["eval_max_prompts"],
+        "denoising_steps": parameters["denoising_steps"],
+        "device": parameters["device"],
+    }
+
+
+def _collect_settings(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The CollectConfig fields (layout flattened) that shape a store, from a flow's parameters."""
+    return {
+        "max_new_tokens": parameters["max_new_tokens"],
+        "batch_size": parameters["batch_size"],
+        "max_samples": parameters["max_samples"],
+        "sample_size": parameters["sample_size"],
+        "stride": parameters["stride"],
+        "temperature": parameters["temperature"],
+        "seed": parameters["collect_seed"],
+        "dtype": parameters["dtype"],
+        "device": parameters["device"],
+        "chunk_rows": parameters["chunk_rows"],
+        "rows_per_file": parameters["rows_per_file"],
+        "compressor": parameters["compressor"],
+    }
+
+
+@flow(name="collect", flow_run_name=lambda: _run_name("collect"), persist_result=False)
+def collect(
+    base_model_path: str | None = COLLECT["base_model_path"],
+    input_data_path: str | None = COLLECT["input_data_path"],
+    data_root: str | None = None,
+    max_new_tokens: int = COLLECT["max_new_tokens"],
+    batch_size: int = COLLECT["batch_size"],
+    max_samples: int | None = COLLECT["max_samples"],
+    sample_size: int = COLLECT["sample_size"],
+    stride: int = COLLECT["stride"],
+    temperature: float = COLLECT["temperature"],
+    collect_seed: int = COLLECT["seed"],
+    dtype: str = COLLECT["dtype"],
+    num_shards: int = COLLECT["num_shards"],
+    chunk_rows: int = LAYOUT["chunk_rows"],
+    rows_per_file: int = LAYOUT["rows_per_file"],
+    compressor: str = LAYOUT["compressor"],
+    device: str = COLLECT["device"],
+    refresh_cache: bool = False,
+    max_parallel_shards: int | None = None,
+    stall_timeout_minutes: float = 60.0,
+) -> dict[str, Any]:
+    """Collect and validate a store (the first half of collect-and-train); returns where it is."""
+    logger = get_run_logger()
+    root = resolve_data_root(data_root)
+    gpus = visible_gpus()
+    plan = configured(plan_collection, root, refresh_cache)(
+        base_model_path, input_data_path, _collect_settings(locals()), num_shards, str(root)
+    )
+    store, cached = collect_store(
+        plan,
+        root,
+        gpus=gpus,
+        max_parallel_shards=max_parallel_shards,
+        refresh_cache=refresh_cache,
+        stall_timeout_s=stall_timeout_minutes * 60,
+    )
+    summary = summarize(store, None, None, cached)
+    logger.info(headline(summary))
+    return summary
+
+
+@flow(name="train", flow_run_name=lambda: _run_name("train"), persist_result=False)
+def train(
+    train_data_dir: str,
+    data_root: str | None = None,
+    block_length: int = DATA["block_length"],
+    loss_on: str = DATA["loss_on"],
+    train_ratio: float = DATA["train_ratio"],
+    num_hidden_layers: int = TRAIN["num_hidden_layers"],
+    per_device_train_batch_size: int = TRAIN["per_device_train_batch_size"],
+    num_train_epochs: float = TRAIN["num_train_epochs"],
+    max_steps: int | None = TRAIN["max_steps"],
+    learning_rate: float = TRAIN["learning_rate"],
+    warmup_steps: int = TRAIN["warmup_steps"],
+    scheduler_type: str = TRAIN["scheduler_type"],
+    loss_weight_type: str = TRAIN["loss_weight_type"],
+    train_seed: int = TRAIN["seed"],
+    logging_steps: int = TRAIN["logging_steps"],
+    save_steps: int = TRAIN["save_steps"],
+    experiment_name: str = TRAIN["experiment_name"],
+    mlflow_tracking_uri: str | None = TRAIN["mlflow_tracking_uri"],
+    deepspeed: str | None = TRAIN["deepspeed"],
+    train_options: dict[str, Any] | None = None,
+    nproc_per_node: int | None = None,
+    evaluate: bool = True,
+    eval_input_data_path: str | None = EVAL["input_data_path"],
+    eval_max_new_tokens: int = EVAL["max_new_tokens"],
+    eval_max_prompts: int | None = EVAL["max_prompts"],
+    denoising_steps: int = EVAL["denoising_steps"],
+    device: str = TRAIN["device"],
+    refresh_cache: bool = False,
+    stall_timeout_minutes: float = 60.0,
+) -> dict[str, Any]:
+    """Validate an existing store (`train_data_dir`), train a head on it, and evaluate the head."""
+    logger = get_run_logger()
+    root = resolve_data_root(data_root)
+    tracking_uri = resolve_tracking_uri(mlflow_tracking_uri, root)
+    train_settings = _train_settings(locals())
+    train_config(train_settings)
+    eval_settings = _eval_settings(locals()) if evaluate else None
+    gpus = visible_gpus()
+    plan = configured(plan_existing_store, root, refresh_cache)(train_data_dir)
+    stall_s = stall_timeout_minutes * 60
+    validate = configured(validate_store, root, refresh_cache)
+    state = validate(plan, [], stall_timeout_s=stall_s, return_state=True)
+    store: StoreManifest = state.result()
+    head, evaluation, cached = train_and_evaluate(
+        store,
+        root,
+        train_settings=train_settings,
+        eval_settings=eval_settings,
+        tracking_uri=tracking_uri,
+        gpus=gpus,
+        nproc_per_node=nproc_per_node,
+        refresh_cache=refresh_cache,
+        stall_timeout_s=stall_s,
+    )
+    summary = summarize(store, head, evaluation, {"validate": _cached(state), **cached})
+    logger.info(headline(summary))
+    return summary

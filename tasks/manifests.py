@@ -1,0 +1,103 @@
+"""What tasks hand each other: small, JSON-serialisable manifests (paths, counts, hashes).
+
+Never tensors: a manifest is what Prefect persists as a task's cached result (as JSON, under the
+data root, where every worker reads it), so it must stay small and must not need torch to load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    """A base model as the user named it, and what identifies its weights."""
+
+    requested: str | None  # what the user passed; None = the embedded default
+    name: str  # short, for run names and folder names
+    fingerprint: str  # dmtp.models.model_fingerprint: config + weight names, sizes, first MiB
+
+
+class PromptsRef(BaseModel):
+    path: str
+    sha256: str
+    count: int
+
+
+class CollectionPlan(BaseModel):
+    """Everything that decides a store's content, and where the store lives."""
+
+    model: ModelRef
+    prompts: PromptsRef
+    settings: dict[str, Any]  # the `dmtp collect` flags that shape the data (CollectConfig fields)
+    num_shards: int
+    output_dir: str  # `dmtp collect --output_dir`; the store is <output_dir>/collected_data_final
+    dmtp_version: str
+
+    @property
+    def store_path(self) -> Path:
+        from dmtp.config import STORE_DIRNAME
+
+        return Path(self.output_dir) / STORE_DIRNAME
+
+    def identity(self) -> dict[str, Any]:
+        """The cache identity: no host-specific path, so every worker computes the same key."""
+        return {
+            "base_model": {
+                "requested": self.model.requested,
+                "fingerprint": self.model.fingerprint,
+            },
+            "prompts_sha256": self.prompts.sha256,
+            "settings": self.settings,
+            "num_shards": self.num_shards,
+            "output_dir": self.output_dir,
+            "dmtp_version": self.dmtp_version,
+        }
+
+
+class ShardManifest(BaseModel):
+    store_path: str
+    shard_index: int
+    rows: int
+    sequences: int
+    resumed_from_rows: int = 0  # committed rows found from an interrupted earlier attempt
+    seconds: float
+    log_path: str
+
+
+class StoreManifest(BaseModel):
+    """A validated store."""
+
+    store_path: str
+    identity_sha256: str  # of CollectionPlan.identity(): what the training key builds on
+    model: ModelRef
+    rows: int
+    sequences: int
+    bytes_on_disk: int
+    report_path: str
+    shard_rows: list[int]
+
+
+class HeadManifest(BaseModel):
+    head_path: str  # the final head folder (save_pretrained output)
+    output_dir: str  # checkpoints and the final head
+    mlflow_tracking_uri: str
+    mlflow_run_id: str | None
+    mlflow_experiment: str
+    metrics: dict[str, float] = Field(default_factory=dict)  # final values of the run's metrics
+    nproc_per_node: int
+    seconds: float
+    log_path: str
+
+
+class EvaluationManifest(BaseModel):
+    report_path: str
+    head_path: str
+    acceptance_length: float | None  # τ, counting the bonus token (DESIGN §5)
+    speedup: float | None
+    prompt_lookup_acceptance_length: float | None = None
+    summary: dict[str, Any] = Field(default_factory=dict)
+    seconds: float
+    log_path: str

@@ -1,0 +1,186 @@
+"""The task helpers without a Prefect server: child processes, leases, CLI flags, cache keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from dmtp.cli import build_parser, config_from_args
+from dmtp.config import CollectConfig, DataConfig, EvalConfig, StoreLayout, TrainConfig
+from tasks import lease
+from tasks.caching import digest
+from tasks.launch import StageFailed, StageTimedOut, config_flags, run_stage
+from tasks.train import train_config
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_run_stage_returns_output_and_logs_it(tmp_path):
+    run = run_stage("echo", _python("print('hello'); print('world')"), log_path=tmp_path / "a.log")
+    assert run.returncode == 0 and run.tail == ["hello", "world"]
+    assert "world" in (tmp_path / "a.log").read_text()
+
+
+def test_user_error_exit_code_is_permanent_and_others_are_not(tmp_path):
+    with pytest.raises(StageFailed) as user_error:
+        run_stage(
+            "bad flag",
+            _python("import sys; print('dmtp x: error: bad'); sys.exit(2)"),
+            log_path=tmp_path / "b.log",
+        )
+    assert user_error.value.permanent and "dmtp x: error: bad" in str(user_error.value)
+    with pytest.raises(StageFailed) as crash:
+        run_stage("crash", _python("raise SystemExit(1)"), log_path=tmp_path / "c.log")
+    assert not crash.value.permanent
+
+
+def test_a_stalled_stage_is_killed_with_its_children(tmp_path):
+    """A child that spawns a grandchild and then hangs silently: both are gone after the stall timeout."""
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(120)"
+    )
+    started = time.monotonic()
+    with pytest.raises(StageTimedOut, match="no output and no progress"):
+        run_stage("hang", _python(code), log_path=tmp_path / "h.log", stall_timeout_s=2, poll_s=0.2)
+    assert time.monotonic() - started < 30
+    grandchild = int(pid_file.read_text())
+    assert (
+        not psutil.pid_exists(grandchild)
+        or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    )
+
+
+def test_activity_on_disk_keeps_a_quiet_stage_alive(tmp_path):
+    """Silent on stdout but committing to its output folder: not a stall."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (
+        "import time, pathlib\n"
+        "for i in range(8):\n"
+        f"    pathlib.Path({str(out)!r}, f'f{{i}}').write_text('x'); time.sleep(0.5)\n"
+    )
+    run = run_stage(
+        "quiet",
+        _python(code),
+        log_path=tmp_path / "q.log",
+        stall_timeout_s=1.5,
+        activity=[out],
+        poll_s=0.2,
+    )
+    assert run.returncode == 0
+
+
+def test_total_timeout(tmp_path):
+    code = "import time\nwhile True:\n    print('tick', flush=True); time.sleep(0.2)"
+    with pytest.raises(StageTimedOut, match="still running after"):
+        run_stage("busy", _python(code), log_path=tmp_path / "t.log", timeout_s=1.5, poll_s=0.2)
+
+
+# ----------------------------------------------------------------------------------------------
+# leases
+
+
+def test_lease_is_exclusive_while_its_holder_lives(tmp_path):
+    path = tmp_path / "shard-0.json"
+    with lease.held(path, "shard 0"):
+        with pytest.raises(lease.LeaseHeld, match="shard 0 is being written by pid"):
+            lease.acquire(path, "shard 0")
+    assert not path.exists()  # released
+    lease.acquire(path, "shard 0").release()
+
+
+def test_a_lease_left_by_a_killed_process_is_taken_over_at_once(tmp_path):
+    """SIGKILL leaves the lease file behind; the next run must not wait for it."""
+    path = tmp_path / "shard-0.json"
+    code = (
+        "import pathlib, time\nfrom tasks import lease\n"
+        f"lease.acquire(pathlib.Path({str(path)!r}), 'shard 0', ttl_s=3600)\n"
+        "print('held', flush=True)\ntime.sleep(120)"
+    )
+    child = subprocess.Popen(_python(code), stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    child.kill()
+    child.wait()
+    assert json.loads(path.read_text())["pid"] == child.pid  # the stale lease is still there
+    started = time.monotonic()
+    taken = lease.acquire(path, "shard 0", ttl_s=3600)
+    assert time.monotonic() - started < 1
+    assert json.loads(path.read_text())["token"] == taken.record["token"]
+    taken.release()
+
+
+def test_an_expired_lease_of_another_host_is_taken_over(tmp_path):
+    path = tmp_path / "shard-1.json"
+    path.write_text(
+        json.dumps({"host": "elsewhere", "pid": 1, "token": "old", "expires": time.time() - 1})
+    )
+    lease.acquire(path, "shard 1").release()
+    path.write_text(
+        json.dumps({"host": "elsewhere", "pid": 1, "token": "old", "expires": time.time() + 60})
+    )
+    with pytest.raises(lease.LeaseHeld):
+        lease.acquire(path, "shard 1")
+
+
+def test_a_held_lease_is_renewed(tmp_path):
+    path = tmp_path / "shard-2.json"
+    held = lease.acquire(path, "shard 2", ttl_s=0.8)
+    first = json.loads(path.read_text())["expires"]
+    time.sleep(0.6)
+    assert json.loads(path.read_text())["expires"] > first
+    held.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI flags: what a task launches must rebuild exactly the config it checked
+
+
+@pytest.mark.parametrize(
+    ("command", "config"),
+    [
+        (
+            "collect",
+            CollectConfig(
+                base_model_path="m", input_data_path="p.jsonl", output_dir="o", max_new_tokens=7,
+                num_shards=3, shard_index=2, resume=True, layout=StoreLayout(chunk_rows=16, rows_per_file=32),
+            ),
+        ),
+        (
+            "train",
+            TrainConfig(
+                train_data_dir="d", output_dir="o", freeze_embeddings=False, mlflow_log_checkpoints=False,
+                learning_rate=1e-3, max_steps=5, validate_sample=0.0, data=DataConfig(block_length=3, loss_on="all"),
+            ),
+        ),
+        ("evaluate", EvalConfig(head_path="h", prompt_lookup=False, max_prompts=2, output="r.json")),
+    ],
+)  # fmt: skip
+def test_config_flags_round_trip_through_the_cli(command, config):
+    parser = build_parser(command)
+    rebuilt = config_from_args(type(config), parser.parse_args(config_flags(config)))
+    assert rebuilt == config
+
+
+def test_unknown_or_flow_owned_training_settings_are_refused():
+    from dmtp.errors import DmtpError
+
+    with pytest.raises(DmtpError, match="unknown training setting"):
+        train_config({"learnin_rate": 1.0})
+    with pytest.raises(DmtpError, match="chosen by the flow"):
+        train_config({"output_dir": "x"})
+    assert train_config({"kappa": 3.0, "block_length": 6}).data.block_length == 6
+
+
+def test_digest_is_order_independent_and_value_sensitive():
+    assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
+    assert digest({"a": 1}) != digest({"a": 2})
