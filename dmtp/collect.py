@@ -437,14 +437,15 @@ def collect_shard(
         )
     torch.manual_seed(config.seed + shard_index)
     started, rows_at_start = time.perf_counter(), writer.total_rows
+    # Always shown: in a terminal it redraws; in a log file (a Prefect worker) a line every 30 s.
+    interactive = sys.stderr.isatty()
     progress = tqdm(
-        desc=f"shard {shard_index}",
+        desc=f"collect shard {shard_index}",
         unit="tok",
         unit_scale=True,
-        dynamic_ncols=True,
         file=sys.stderr,
-        total=None,
-        disable=None,
+        dynamic_ncols=interactive,
+        mininterval=0.5 if interactive else 30,
     )
     try:
         for batch_number, batch in enumerate(batched(remaining, config.batch_size)):
