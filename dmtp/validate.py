@@ -502,8 +502,10 @@ class Validator:
                 array="sequence_offsets",
             )
             return None
+        # a shard that committed nothing never wrote its offsets chunk: [0] is implicit
+        chunks = -(-(n_sequences + 1) // files.rows_per_file) if n_sequences else 0
         parts = []
-        for i in range(-(-(n_sequences + 1) // files.rows_per_file)):
+        for i in range(chunks):
             data = files.read_file(i)
             if data is None:
                 self.error(

@@ -229,3 +229,17 @@ def test_store_written_by_the_writer_has_every_chunk(healthy):
     """Chunks that equal the fill value (sample_ids 0, prompt-only is_generated) are on disk too."""
     store = open_store(healthy)
     assert (store.path / "shards/0/sample_ids/c/0").exists()  # sequence 0: sample_ids all 0
+
+
+def test_a_shard_without_sequences_is_fine(tmp_path):
+    """More shards than prompts: the empty shard is complete and valid, and loaders skip it."""
+    from dmtp.data import create_dataloaders
+
+    store = write_synthetic_store(
+        tmp_path / "s", sequence_lengths=[30, 20], hidden_size=4, vocab_size=20, num_shards=3
+    )
+    report = validate_store(store.path)
+    assert report.ok, report.summary()
+    assert [s.rows for s in report.shards] == [30, 20, 0]
+    *_, dataset = create_dataloaders(store.path, loss_on="all")
+    assert len(dataset) == 50
