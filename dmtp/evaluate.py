@@ -300,6 +300,10 @@ def check_lossless(
     )
 
 
+def drafter_block_length(drafter: Drafter, default: int) -> int:
+    return getattr(drafter, "block_length", None) or default
+
+
 def decode_prompts(
     base: BaseModel,
     drafters: dict[str, Drafter],
@@ -309,16 +313,28 @@ def decode_prompts(
     source: str = "prompts",
     progress: bool = True,
 ) -> list[PromptRecord]:
-    """Decode every prompt greedily and with each drafter, check losslessness, record the rounds."""
+    """Decode every prompt greedily and with each drafter, check losslessness, record the rounds.
+
+    A drafter's own `block_length` (a head's, or prompt lookup's num_tokens + 1) overrides
+    `block_length`.
+    """
     from dmtp.collect import eos_token_ids
 
     model, eos = base.model, eos_token_ids(base)
+    lengths = {name: drafter_block_length(d, block_length) for name, d in drafters.items()}
     # First calls allocate buffers and pick kernels: keep them out of the timing.
     if warmup_tokens > 0:
         first = prompts[0].ids
         greedy_decode(model, first, warmup_tokens, eos)
         for drafter in drafters.values():
-            speculative_decode(model, drafter, first, warmup_tokens, block_length, eos)
+            speculative_decode(
+                model,
+                drafter,
+                first,
+                warmup_tokens,
+                drafter_block_length(drafter, block_length),
+                eos,
+            )
 
     methods = ["greedy", *drafters]
     records = []
@@ -331,7 +347,7 @@ def decode_prompts(
                 outputs[method] = greedy_decode(model, item.ids, item.max_new_tokens, eos)
             else:
                 outputs[method] = speculative_decode(
-                    model, drafters[method], item.ids, item.max_new_tokens, block_length, eos
+                    model, drafters[method], item.ids, item.max_new_tokens, lengths[method], eos
                 )
         greedy: GreedyResult = outputs["greedy"]
         where = f"{source}:{item.prompt.line}"
@@ -346,7 +362,7 @@ def decode_prompts(
         )
         for name in drafters:
             check_lossless(greedy, outputs[name], name, where, base.tokenizer)
-            record.drafters[name] = DrafterRecord.from_result(outputs[name], block_length)
+            record.drafters[name] = DrafterRecord.from_result(outputs[name], lengths[name])
         records.append(record)
         if progress:
             bar.set_postfix({f"tau_{n}": f"{_tau(records, n):.2f}" for n in drafters})
@@ -584,7 +600,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         drafters["prompt_lookup"] = PromptLookupDrafter(
             max_ngram=config.prompt_lookup_max_ngram, num_tokens=config.prompt_lookup_num_tokens
         )
-    prompts = load_eval_prompts(prompts_path, base, config, block_length)
+    longest = max(drafter_block_length(d, block_length) for d in drafters.values())
+    prompts = load_eval_prompts(prompts_path, base, config, longest)
     records = decode_prompts(
         base, drafters, prompts, block_length, config.warmup_tokens, str(prompts_path), progress
     )

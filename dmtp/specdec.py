@@ -43,9 +43,14 @@ class DraftContext:
 
 
 class Drafter(Protocol):
-    """Proposes the tokens after the bonus token; the base model verifies them."""
+    """Proposes the tokens after the bonus token; the base model verifies them.
+
+    `block_length` is the block the drafter works in (a head's own L), or None to take the
+    evaluation's.
+    """
 
     name: str
+    block_length: int | None
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         """Called once per prompt, outside the timed decoding."""
@@ -327,18 +332,14 @@ class PromptLookupDrafter:
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int | None = None):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.max_ngram, self.min_ngram, self.num_tokens = max_ngram, min_ngram, num_tokens
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.block_length = None if num_tokens is None else num_tokens + 1
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         pass
 
     def draft(self, context: DraftContext) -> list[int]:
-        sequence = context.sequence
-        limit = (
-            context.num_tokens
-            if self.num_tokens is None
-            else min(self.num_tokens, context.num_tokens)
-        )
+        sequence, limit = context.sequence, context.num_tokens
         for n in range(min(self.max_ngram, len(sequence) - 1), self.min_ngram - 1, -1):
             suffix = sequence[-n:]
             # Latest match first: recent text predicts the continuation best.
@@ -352,6 +353,7 @@ class OracleDrafter:
     """Drafts the base model's own greedy continuation (precomputed): every draft is accepted."""
 
     name = "oracle"
+    block_length = None
 
     def __init__(self, model: Any, max_new_tokens: int, eos_token_ids: Sequence[int]):
         self.model, self.max_new_tokens, self.eos_token_ids = model, max_new_tokens, eos_token_ids
@@ -370,6 +372,7 @@ class RandomDrafter:
     """Uniformly random tokens: almost always rejected, so τ stays near 1 and losslessness shows."""
 
     name = "random"
+    block_length = None
 
     def __init__(self, vocab_size: int, seed: int = 0):
         self.vocab_size = vocab_size

@@ -122,7 +122,8 @@ def test_evaluate_reports_tau_acceptance_and_speed(evaluation):
 def test_cli_runs_the_prompt_lookup_baseline_alone(debug_model_dir, prompts_file, tmp_path, capsys):
     output = tmp_path / "pld.json"
     argv = ["evaluate", "--base_model_path", str(debug_model_dir), "--input-data-path", str(prompts_file),
-            "--block_length", "3", "--max_new_tokens", "16", "--device", "cpu", "--output", str(output)]  # fmt: skip
+            "--block_length", "3", "--prompt_lookup_num_tokens", "5", "--max_new_tokens", "16",
+            "--device", "cpu", "--output", str(output)]  # fmt: skip
     assert main(argv) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert (
@@ -132,7 +133,8 @@ def test_cli_runs_the_prompt_lookup_baseline_alone(debug_model_dir, prompts_file
     )
     result = json.loads(output.read_text())
     assert list(result["drafters"]) == ["prompt_lookup"] and result["head"] is None
-    assert len(result["drafters"]["prompt_lookup"]["overall"]["acceptance_by_position"]) == 2
+    # Up to 5 drafts a round, not block_length - 1: prompt lookup's own block.
+    assert len(result["drafters"]["prompt_lookup"]["overall"]["acceptance_by_position"]) == 5
 
 
 def _save_head(path: Path, **kwargs) -> Path:
