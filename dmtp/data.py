@@ -1,10 +1,12 @@
 """Training examples from a store, read a chunk at a time (the original `create_dataloaders` API).
 
     from dmtp.data import create_dataloaders
-    train_dl, val_dl, dataset = create_dataloaders("dmtp_data", block_length=4, batch_size=32, train_ratio=0.9)
+    train_dl, val_dl, dataset = create_dataloaders(
+        "dmtp_data", block_length=4, batch_size=32, train_ratio=0.9
+    )
     for epoch in range(num_epochs):
         train_dl.set_epoch(epoch)          # a new, reproducible order each epoch
-        for batch in train_dl:             # in_hidden_states [B, H]; input_ids, labels, attention_mask [B, L]
+        for batch in train_dl:   # in_hidden_states [B, H]; input_ids, labels, attention_mask [B, L]
             ...
 
 Example `(shard, row l)` (DESIGN §3): condition `h_l`, `input_ids` all `mask_token_id` (the trainer
@@ -235,7 +237,10 @@ class ExampleReader:
         return np.where(inside, gathered, IGNORE_INDEX).astype(np.int64)
 
     def batch(self, hidden_states: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
-        """Stored rows -> the head's inputs: in_hidden_states [B, H]; input_ids, labels, attention_mask [B, L]."""
+        """Stored rows -> head inputs.
+
+        in_hidden_states [B, H]; input_ids, labels, attention_mask [B, L].
+        """
         n = len(labels)
         return {
             "in_hidden_states": decode_hidden_states(hidden_states, self.index.hidden_dtype),
@@ -393,7 +398,8 @@ class ChunkedExamples(IterableDataset):
             examples = self.reader.read_chunk(position, chunk, self.split)
             if len(examples["rows"]) != units[u, 2]:
                 raise StoreError(
-                    f"{self.index.path}: shard {self.index.shards[position].shard} chunk {chunk} holds "
+                    f"{self.index.path}: shard {self.index.shards[position].shard} chunk {chunk} "
+                    "holds "
                     f"{len(examples['rows'])} examples, the index counted {units[u, 2]}: the store "
                     "changed after the loaders were made; create them again"
                 )
@@ -408,7 +414,7 @@ class ChunkedExamples(IterableDataset):
         yield from self._emit(pending, carry, rng, final=True)
 
     def _emit(self, pending, carry, rng, final: bool):
-        """Mix the buffered chunks (and the last partial batch), yield full batches, return the rest."""
+        """Mix buffered chunks and the carried remainder; yield full batches, return the rest."""
         parts = ([carry] if carry is not None else []) + pending
         if not parts:
             return None
@@ -448,7 +454,8 @@ def distributed_rank_and_world_size(
     if rank is not None or world_size is not None:
         if rank is None or world_size is None or not 0 <= rank < world_size:
             raise ValueError(
-                f"pass both rank and world_size with 0 <= rank < world_size, got {rank}, {world_size}"
+                "pass both rank and world_size with 0 <= rank < world_size, "
+                f"got {rank}, {world_size}"
             )
         return rank, world_size
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -180,7 +180,7 @@ class SequenceAssembler:
 
 
 def check_token_range(source: Path, arrays: dict[str, Any], vocab_size: int) -> None:
-    """Every id in tokens.pt and input_ids.pt lies in [0, vocab_size) (read in slices of windows)."""
+    """Every id in tokens.pt and input_ids.pt lies in [0, vocab_size); read a slice at a time."""
     for name in ("tokens", "input_ids"):
         ids = arrays[name]
         for start in range(0, len(ids), 4096):
@@ -228,7 +228,8 @@ def import_pt(config: ImportPtConfig, progress: bool = True) -> ImportResult:
     if (path / "zarr.json").exists():
         if not config.overwrite:
             raise StoreError(
-                f"{path} already exists; pass --overwrite to replace it or choose another --output_dir"
+                f"{path} already exists; pass --overwrite to replace it "
+                "or choose another --output_dir"
             )
         remove_store(path)
     hidden_dtype = HIDDEN_DTYPES[str(arrays["hidden_states"].dtype)]

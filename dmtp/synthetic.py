@@ -1,7 +1,9 @@
-"""Synthetic stores for tests and benchmarks, written through the real `create_store` + `ShardWriter`.
+"""Synthetic stores for tests and benchmarks, written by the real `create_store` + `ShardWriter`.
 
     from dmtp.synthetic import write_synthetic_store
-    store = write_synthetic_store(tmp / "data", sequence_lengths=[40, 17, 64], hidden_size=64, vocab_size=320)
+    store = write_synthetic_store(
+        tmp / "data", sequence_lengths=[40, 17, 64], hidden_size=64, vocab_size=320
+    )
 
 What the data is, so that a head can actually fit it:
 - `tokens` of each sequence are i.i.d. uniform over `[0, vocab_size)`.
@@ -10,7 +12,8 @@ What the data is, so that a head can actually fit it:
   Other input ids are random.
 - The hidden state is a fixed, seed-determined linear function of the next `LOOKAHEAD` tokens plus
   Gaussian noise:  `h_l = (sum_j 2^-j A_j[t_{l+j}]) @ B + NOISE_STD * eps`  for `j < LOOKAHEAD` and
-  `l + j` inside the sequence, with `A_j: [V, r]`, `B: [r, H]`, `r = min(H, 64)`, entries ~ N(0, 1/r).
+  `l + j` inside the sequence, with `A_j: [V, r]`, `B: [r, H]`, `r = min(H, 64)`,
+  entries ~ N(0, 1/r).
   So `t_l` is recoverable from `h_l` with high confidence and `t_{l+1}, t_{l+2}` with less, like a
   real model's last hidden state. The low rank keeps the tables small for any vocabulary size.
 """
@@ -85,7 +88,7 @@ def synthetic_sequence(
     hidden_dtype: str,
     rng: np.random.Generator,
 ) -> SequenceRows:
-    """One sequence of `length` rows; rows `>= generated_from` are generated (see module docstring)."""
+    """One sequence of `length` rows; rows `>= generated_from` are generated (module docstring)."""
     tokens = rng.integers(0, vocab_size, size=length, dtype=np.int32)
     input_ids = rng.integers(0, vocab_size, size=length, dtype=np.int32)
     first = min(generated_from, length)

@@ -7,8 +7,8 @@ What it checks (DESIGN §3), each finding naming shard, array, chunk and rows:
 - metadata: schema, root attrs, every shard present and `complete`, every array's dtype and shape
   against the attrs (`hidden_size`, hidden storage dtype, `n_committed`, `n_sequences`,
   `sequence_offsets`);
-- chunks: every chunk below `n_committed` is present (zarr would silently hand back fill values for a
-  missing one), whole, and matches its crc32c; the shard index of each hidden-state file too;
+- chunks: every chunk below `n_committed` is present (zarr would silently hand back fill values
+  for a missing one), whole, and matches its crc32c; the shard index of each hidden-state file too;
 - values: token and input ids in `[0, vocab_size)`, finite hidden states, `input_ids[l + 1] ==
   tokens[l]` where `tokens[l]` is generated, one `sample_id` per sequence;
 - stray files: `*.partial` temporaries of an interrupted write (warnings).
@@ -147,10 +147,12 @@ class ValidationReport:
         )
         lines = [
             f"store {self.path}",
-            f"  {self.rows:,} rows in {self.sequences:,} sequences, generated rows {generated_text}, "
+            f"  {self.rows:,} rows in {self.sequences:,} sequences, "
+            f"generated rows {generated_text}, "
             f"hidden {self.hidden_size} x {self.hidden_dtype}, vocab {self.vocab_size}",
-            f"  {self.bytes_on_disk / 1e6:,.1f} MB on disk, {self.bytes_checked / 1e6:,.1f} MB checked "
-            f"({self.sample:.0%} of row blocks) in {self.seconds:.1f} s = {self.megabytes_per_second:,.0f} MB/s",
+            f"  {self.bytes_on_disk / 1e6:,.1f} MB on disk, "
+            f"{self.bytes_checked / 1e6:,.1f} MB checked ({self.sample:.0%} of row blocks) "
+            f"in {self.seconds:.1f} s = {self.megabytes_per_second:,.0f} MB/s",
         ]
         for s in self.shards:
             lines.append(
@@ -283,7 +285,8 @@ class ArrayFiles:
         if len(data) < size or (expected is not None and len(data) < expected):
             raise ChunkError(
                 "truncated",
-                f"file is {len(data)} bytes, expected {expected or size}; its index and chunks are lost",
+                f"file is {len(data)} bytes, expected {expected or size}; "
+                "its index and chunks are lost",
             )
         encoded = data[-size:] if self.index_at_end else data[:size]
         try:
@@ -384,7 +387,8 @@ class Validator:
                     relative = os.path.relpath(os.path.join(directory, name), self.path)
                     self.warning(
                         "stray_file",
-                        "temporary file of an interrupted write (safe to delete once no writer runs)",
+                        "temporary file of an interrupted write "
+                        "(safe to delete once no writer runs)",
                         file=relative,
                     )
 
@@ -434,7 +438,8 @@ class Validator:
         if len(hidden.shape) != 2 or hidden.shape[1] != self.hidden_size:
             self.error(
                 "shape",
-                f"shape {hidden.shape} does not match hidden_size {self.hidden_size} in the store attrs",
+                f"shape {hidden.shape} does not match hidden_size {self.hidden_size} "
+                "in the store attrs",
                 shard=k,
                 array="hidden_states",
             )
@@ -453,14 +458,16 @@ class Validator:
             elif files.shape[0] > n and summary.complete:
                 self.error(
                     "row_count",
-                    f"the shard is complete with n_committed {n}, but the array holds {files.shape[0]} rows",
+                    f"the shard is complete with n_committed {n}, "
+                    f"but the array holds {files.shape[0]} rows",
                     shard=k,
                     array=name,
                 )
             if name != "hidden_states" and files.rows_per_file != rows_per_file:
                 self.error(
                     "layout",
-                    f"chunked by {files.rows_per_file} rows, hidden_states files by {rows_per_file}",
+                    f"chunked by {files.rows_per_file} rows, "
+                    f"hidden_states files by {rows_per_file}",
                     shard=k,
                     array=name,
                 )
@@ -477,7 +484,8 @@ class Validator:
                 self.error(
                     "row_count",
                     f"n_samples is {attrs['n_samples']}, but the sequences hold "
-                    f"{count_samples(np.diff(offsets), size, stride)} samples of {size} (stride {stride})",
+                    f"{count_samples(np.diff(offsets), size, stride)} samples of {size} "
+                    f"(stride {stride})",
                     shard=k,
                 )
         if not ok or offsets is None:
@@ -686,7 +694,8 @@ class Validator:
                     row = start + int(bad[0])
                     self.error(
                         "token_range",
-                        f"{bad.size} ids outside [0, vocab_size={self.vocab_size}) (first: {int(values[bad[0]])} "
+                        f"{bad.size} ids outside [0, vocab_size={self.vocab_size}) "
+                        f"(first: {int(values[bad[0]])} "
                         f"at row {row})",
                         shard=k,
                         array=name,
@@ -721,7 +730,8 @@ class Validator:
                 row = first + int(wrong[0])
                 self.error(
                     "generated_input",
-                    f"{wrong.size} generated positions whose token is not the next position's input "
+                    f"{wrong.size} generated positions whose token is not "
+                    "the next position's input "
                     f"(first: tokens[{row}] != input_ids[{row + 1}])",
                     shard=k,
                     array="input_ids",

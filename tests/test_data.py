@@ -1,4 +1,4 @@
-"""The chunk-aware loaders: labels equal the stored tokens, splits and ranks partition the examples."""
+"""Chunk-aware loaders: labels equal the stored tokens; splits and ranks partition the examples."""
 
 from __future__ import annotations
 

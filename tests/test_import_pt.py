@@ -1,4 +1,4 @@
-"""`dmtp import-pt`: the original scripts' overlapping `.pt` windows become one copy of each sequence."""
+"""`dmtp import-pt`: the original scripts' overlapping `.pt` windows become one copy of each row."""
 
 from __future__ import annotations
 

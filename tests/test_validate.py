@@ -1,4 +1,4 @@
-"""`dmtp validate`: a healthy store passes; each kind of damage is named, located, and fails the CLI."""
+"""`dmtp validate`: a healthy store passes; each kind of damage is named, located, fails the CLI."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from dmtp.synthetic import write_synthetic_store
 from dmtp.validate import validate_store
 
 LAYOUT = StoreLayout(chunk_rows=16, rows_per_file=64)
-# shard 0: sequences 0, 2, 4 = rows 0-99, 100-399, 400-406; shard 1: sequences 1, 3 = rows 0-19, 20-69
+# shard 0: sequences 0, 2, 4 = rows 0-99, 100-399, 400-406
+# shard 1: sequences 1, 3 = rows 0-19, 20-69
 LENGTHS = [100, 20, 300, 50, 7]
 GENERATED_FROM = [80, 0, 10, 5, 0]
 

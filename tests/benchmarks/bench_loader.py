@@ -1,6 +1,6 @@
 """Training-example throughput and memory: the chunk-aware loader vs the alternatives, side by side.
 
-    .venv/bin/python tests/benchmarks/bench_loader.py                  # 3 GB store, Qwen2.5-7B width
+    .venv/bin/python tests/benchmarks/bench_loader.py            # 3 GB store, Qwen2.5-7B width
     .venv/bin/python tests/benchmarks/bench_loader.py --size_gb 8 --seconds 60
 
 Builds, in a temporary folder removed afterwards, a store of `--size_gb` of synthetic bf16 hidden
@@ -54,7 +54,8 @@ def machine() -> str:
     except OSError:
         cpu = platform.processor() or platform.machine()
     return (
-        f"{psutil.cpu_count()} CPU cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+        f"{psutil.cpu_count()} CPU cores ({cpu}), "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
         f"Python {platform.python_version()}, torch {torch.__version__}, zarr {zarr.__version__}"
     )
 
@@ -268,7 +269,8 @@ def main() -> None:
     free = shutil.disk_usage(workdir).free
     if free < needed:
         sys.exit(
-            f"bench_loader: needs ~{needed / 1e9:.1f} GB free in {workdir}, has {free / 1e9:.1f} GB; lower --size_gb"
+            f"bench_loader: needs ~{needed / 1e9:.1f} GB free in {workdir}, "
+            f"has {free / 1e9:.1f} GB; lower --size_gb"
         )
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="dmtp-bench-loader-", dir=workdir) as tmp:
@@ -277,7 +279,8 @@ def main() -> None:
         rows = build_store(root / "full", args.size_gb, seed=0)
         built = time.perf_counter() - start
         print(
-            f"built {rows:,} rows x {HIDDEN_SIZE} bf16 ({rows * HIDDEN_SIZE * 2 / 1e9:.2f} GB) in {built:.0f} s"
+            f"built {rows:,} rows x {HIDDEN_SIZE} bf16 "
+            f"({rows * HIDDEN_SIZE * 2 / 1e9:.2f} GB) in {built:.0f} s"
         )
         build_store(root / "quarter", args.size_gb / 4, seed=1)
         export_pt(root / "full", root / "pt")
@@ -320,7 +323,8 @@ def main() -> None:
         f"\nloader / naive: {rate['loader'] / rate['naive random access']:.1f}x (target >= 20x); "
         f"loader / original .pt: {rate['loader'] / rate['original .pt in RAM']:.2f}x; "
         f"peak RSS loader {sides['loader']['peak_rss_mb']:,.0f} MB (1/4 store: "
-        f"{sides['loader, 1/4 store']['peak_rss_mb']:,.0f} MB) vs .pt {sides['original .pt in RAM']['peak_rss_mb']:,.0f} MB"
+        f"{sides['loader, 1/4 store']['peak_rss_mb']:,.0f} MB) "
+        f"vs .pt {sides['original .pt in RAM']['peak_rss_mb']:,.0f} MB"
     )
     print(
         f"dmtp validate: {validate['megabytes']:,.0f} MB in {validate['seconds']:.1f} s = "
