@@ -299,6 +299,176 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    """`dmtp train` / `torchrun -m dmtp.train`: fit a diffusion MTP head on a store (DESIGN §4).
+
+    Flags and defaults follow the original guide (`train_mtp_head.py`) and, where it is silent,
+    transformers' Trainer. Data flags (block_length, train_ratio, max_samples, ...) are DataConfig's.
+    """
+
+    # model
+    model_name_or_path: str | None = option(
+        None, "start from an earlier head folder (its shape wins); default: a new head"
+    )
+    base_model_path: str | None = option(
+        None,
+        "base model whose layer type, embedding and LM head a new head takes; default: the "
+        "store's recorded base model, or random initialisation when the store names none",
+    )
+    num_hidden_layers: int = option(1, "transformer layers in the head (usually 1)")
+    hidden_size: int | None = option(
+        None, "must equal the store's hidden size (default: the store's)"
+    )
+    vocab_size: int | None = option(
+        None,
+        "rows of the head's embedding and LM head (default: the store's vocab_size + 1, the mask row)",
+    )
+    mask_token_id: int | None = option(None, "id of [MASK] (default: the store's vocab_size)")
+    pad_token_id: int | None = option(
+        None, "pad id recorded in the head (default: the base model's)"
+    )
+    freeze_embeddings: bool = option(
+        True,
+        "keep the token embedding copied from the base model fixed (a random one always trains)",
+    )
+    freeze_lm_head: bool = option(
+        True, "keep the LM head copied from the base model fixed (a random one always trains)"
+    )
+    # data
+    train_data_dir: str = option(
+        "dmtp_data", f"the store, or the output_dir holding {STORE_DIRNAME}", aliases=["data_dir"]
+    )
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training examples"})
+    validate_sample: float = option(
+        1.0,
+        "fraction of the store's row blocks `dmtp validate` decodes before training; 0 skips it "
+        "(when a flow has just validated the store)",
+    )
+    # optimisation
+    output_dir: str = option(
+        "mtp_checkpoints", "checkpoints and the final head (<output_dir>/final)"
+    )
+    per_device_train_batch_size: int = option(32, "examples per device per step")
+    per_device_eval_batch_size: int | None = option(None, "default: per_device_train_batch_size")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    dataloader_num_workers: int = option(0, "loader processes per rank")
+    num_train_epochs: float = option(3.0, "passes over the training split")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (overrides epochs)")
+    learning_rate: float = option(5e-5, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay (never on norms, biases, embeddings)")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    warmup_steps: int = option(0, "linear warm-up steps", aliases=["warmup_step"])
+    lr_scheduler_type: str = option(
+        "linear", "learning-rate schedule after warm-up", choices=["linear", "cosine", "constant"]
+    )
+    scheduler_type: str = option(
+        "linear", "noise schedule α(t) (DESIGN §4)", choices=["linear", "kappa", "cosine"]
+    )
+    kappa: float = option(2.0, "κ of the kappa schedule α(t) = 1 - t^κ")
+    loss_weight_type: str = option(
+        "scheduler", "w(t): the schedule's ELBO weight, or ones", choices=["scheduler", "ones"]
+    )
+    time_epsilon: float = option(1e-3, "t is drawn from U[time_epsilon, 1)")
+    seed: int = option(42, "seed of initialisation, shuffling and masking (every rank alike)")
+    mixed_precision: str = option(
+        "auto",
+        "auto (bf16 on CUDA, off on CPU), no, bf16, fp16",
+        choices=["auto", "no", "bf16", "fp16"],
+    )
+    device: str = option(
+        "auto", "auto (CUDA when present), cpu, cuda", choices=["auto", "cpu", "cuda"]
+    )
+    deepspeed: str | None = option(
+        None, "DeepSpeed JSON config (deploy/deepspeed/zero2.json, zero3.json)"
+    )
+    # logging, evaluation, checkpoints
+    logging_steps: int = option(100, "log training metrics every N steps")
+    eval_steps: int | None = option(
+        None, "evaluate every N steps (default: at every save and at the end)"
+    )
+    max_eval_examples: int = option(
+        2048, "validation examples per evaluation (the split's first N)"
+    )
+    save_steps: int = option(1000, "write a checkpoint every N steps")
+    save_total_limit: int | None = option(3, "keep only the newest N checkpoints")
+    resume_from_checkpoint: str | None = option(
+        None, "a checkpoint folder, or `auto` for the newest one in output_dir"
+    )
+    check_replicas_steps: int = option(
+        0, "every N steps, check all ranks hold identical weights (all-gather a checksum); 0: never"
+    )
+    mlflow_tracking_uri: str | None = option(
+        None,
+        "MLflow tracking store or server URL; default $MLFLOW_TRACKING_URI, else "
+        "sqlite:///<output_dir's parent>/mlflow.db",
+    )
+    experiment_name: str = option("dmtp", "MLflow experiment")
+    report_to: str = option(
+        "mlflow", "where metrics go: mlflow, or none", choices=["mlflow", "none"]
+    )
+    run_name: str | None = option(None, "MLflow run name (default: output_dir's name)")
+    mlflow_log_checkpoints: bool = option(True, "copy each checkpoint into the run's artifacts")
+    test_mode: bool = option(
+        False, "smoke run: at most 20 steps on at most 64 samples, logging every step"
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        if self.test_mode:
+            self.max_steps = min(self.max_steps or 20, 20)
+            self.logging_steps = 1
+            self.eval_steps = min(self.eval_steps or 10, 10)
+            self.max_eval_examples = min(self.max_eval_examples, 256)
+            self.data.max_samples = min(self.data.max_samples or 64, 64)
+        check(
+            self.num_hidden_layers >= 1,
+            f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}",
+        )
+        for name in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+        ):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0")
+        check(
+            self.num_train_epochs > 0, f"num_train_epochs must be > 0, got {self.num_train_epochs}"
+        )
+        check(
+            self.max_steps is None or self.max_steps >= 1,
+            f"max_steps must be >= 1, got {self.max_steps}",
+        )
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(
+            0.0 <= self.time_epsilon < 1.0,
+            f"time_epsilon must be in [0, 1), got {self.time_epsilon}",
+        )
+        check(self.kappa > 0, f"kappa must be > 0, got {self.kappa}")
+        check(
+            0.0 <= self.validate_sample <= 1.0,
+            f"validate_sample must be in [0, 1], got {self.validate_sample}",
+        )
+        check(self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be >= 1")
+        check(self.max_eval_examples >= 0, "max_eval_examples must be >= 0")
+        check(
+            self.save_total_limit is None or self.save_total_limit >= 1,
+            "save_total_limit must be >= 1",
+        )
+        check(self.check_replicas_steps >= 0, "check_replicas_steps must be >= 0")
+        check(
+            self.vocab_size is None or self.vocab_size >= 2,
+            f"vocab_size must be >= 2 (tokens plus the mask), got {self.vocab_size}",
+        )
+
+    @property
+    def block_length(self) -> int:
+        return self.data.block_length
+
+
+@dataclass
 class ImportPtConfig:
     """`dmtp import-pt`: convert the original scripts' `.pt` files into a store (streaming)."""
 

@@ -1,0 +1,1148 @@
+"""Train a diffusion MTP head on a store, tracked in MLflow (DESIGN §4, §6).
+
+    dmtp train --train_data_dir dmtp_data --output_dir heads/run1 --block_length 4
+    torchrun --standalone --nproc_per_node=2 -m dmtp.train --train_data_dir dmtp_data --output_dir heads/run1
+    torchrun --nproc_per_node=8 -m dmtp.train ... --deepspeed deploy/deepspeed/zero2.json
+    dmtp train ... --resume_from_checkpoint auto        # continue a killed run, same loss curve
+
+What it does, in order: check the configuration against the store (shape, vocabulary, mask id) and
+validate the store, all before any model is built; build or load the head; train with accelerate
+(DDP on gloo or NCCL, DeepSpeed when asked); log to MLflow from rank 0 only; write checkpoints
+(`<output_dir>/checkpoint-<step>/`) and the final head (`<output_dir>/final/`), which
+`MTPHeadModel.from_pretrained` and `dmtp evaluate --head_path` load.
+
+A checkpoint holds no pickle: `model.safetensors` + `config.json` (a loadable head),
+`optimizer.safetensors` (tensors of the optimizer state), `rng_state_<rank>.safetensors`, and
+`trainer_state.json` (step, data position, LR-scheduler scalars, param groups, MLflow run id,
+Python/NumPy RNG). Masking noise is drawn from a generator seeded by (seed, rank, step), so a
+resumed run sees the same masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmtp.config import TrainConfig, resolve_store_path, to_dict
+from dmtp.errors import DmtpError, StoreError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+FINAL_DIRNAME = "final"
+STATE_FILE = "trainer_state.json"
+LOG_FILE = "train_log.jsonl"
+# Fault injection for the resume test: SIGKILL this process right after optimizer step N
+# (after any checkpoint at N is written), as an OOM killer or a lost node would.
+KILL_AT_STEP_ENV = "DMTP_TEST_KILL_AT_STEP"
+EVAL_NOISE_STEP = (
+    2**62
+)  # validation noise: a stream no training step uses, the same at every evaluation
+
+
+# ----------------------------------------------------------------------------------------------
+# plan: everything checked and resolved before a model is built
+
+
+@dataclass
+class TrainPlan:
+    """The head's shape and origin, resolved from the flags, the store and the base model."""
+
+    store_path: Path
+    hidden_size: int
+    vocab_size: int
+    mask_token_id: int
+    store_vocab_size: int
+    base_model_path: str | None  # None: random initialisation
+    base_model_identity: dict[str, Any] | None  # what the store records
+    store_rows: int
+
+
+def _max_token_and_collision(store: Any, mask_token_id: int) -> tuple[int, bool]:
+    """Largest label token id in the store, and whether `mask_token_id` occurs as a label."""
+    largest, collides = -1, False
+    for shard in store.shards():
+        tokens = np.asarray(shard.array("tokens")[: shard.n_committed])
+        if tokens.size:
+            largest = max(largest, int(tokens.max()))
+            collides = collides or bool(np.any(tokens == mask_token_id))
+    return largest, collides
+
+
+def plan_training(config: TrainConfig) -> TrainPlan:
+    """Check the flags against the store and return the resolved head shape; raises DmtpError."""
+    from dmtp.store import open_store
+
+    store_path = resolve_store_path(config.train_data_dir)
+    if not store_path.exists():
+        raise StoreError(
+            f"--train_data_dir {config.train_data_dir}: no such store; run `dmtp collect --output_dir "
+            f"{config.train_data_dir}` first or point --train_data_dir at an existing store"
+        )
+    store = open_store(store_path, require_complete=not config.data.allow_incomplete)
+    if config.hidden_size is not None and config.hidden_size != store.hidden_size:
+        raise DmtpError(
+            f"--hidden_size {config.hidden_size} != the store's hidden size {store.hidden_size} "
+            f"({store_path}): drop --hidden_size or use a store collected from a model of that size"
+        )
+    hidden_size = store.hidden_size
+    mask_token_id = config.mask_token_id if config.mask_token_id is not None else store.vocab_size
+    vocab_size = (
+        config.vocab_size
+        if config.vocab_size is not None
+        else max(store.vocab_size, mask_token_id + 1)
+    )
+    collides = False
+    if vocab_size < store.vocab_size or mask_token_id < store.vocab_size:
+        # Only then can a label fall outside the head or collide with the mask: look at the tokens.
+        largest, collides = _max_token_and_collision(store, mask_token_id)
+        if largest >= vocab_size:
+            raise DmtpError(
+                f"--vocab_size {vocab_size} is too small: the store {store_path} holds token id "
+                f"{largest}; use --vocab_size {max(largest + 1, store.vocab_size + 1)} or drop the flag"
+            )
+    if not 0 <= mask_token_id < vocab_size:
+        raise DmtpError(
+            f"--mask_token_id {mask_token_id} is outside the head's vocabulary [0, {vocab_size}): "
+            f"raise --vocab_size to at least {mask_token_id + 1} or lower --mask_token_id"
+        )
+    if collides:
+        raise DmtpError(
+            f"--mask_token_id {mask_token_id} occurs as a real token in {store_path}: pick an id "
+            f"no label uses, e.g. {store.vocab_size} (the default) with --vocab_size {store.vocab_size + 1}"
+        )
+    identity = store.attrs.get("base_model")
+    base_model_path = config.base_model_path
+    if base_model_path is not None and base_model_path.lower() == "none":
+        base_model_path = None
+    elif base_model_path is None and identity and config.model_name_or_path is None:
+        from dmtp.models import DEFAULT_MODEL, HUB_ID
+
+        recorded = identity.get("name_or_path")
+        base_model_path = None if recorded == DEFAULT_MODEL.name else recorded
+        if (
+            base_model_path is not None
+            and not Path(base_model_path).expanduser().exists()
+            and (base_model_path.startswith((".", "/", "~")) or not HUB_ID.match(base_model_path))
+        ):
+            raise DmtpError(
+                f"the store was collected from base model {recorded!r}, which is not found here: pass "
+                "--base_model_path <its folder> (or --base_model_path none for a randomly initialised head)"
+            )
+        if base_model_path is None:
+            base_model_path = ""  # the embedded default model (resolve_base_model fetches it)
+    return TrainPlan(
+        store_path=store.path,
+        hidden_size=hidden_size,
+        vocab_size=vocab_size,
+        mask_token_id=mask_token_id,
+        store_vocab_size=store.vocab_size,
+        base_model_path=base_model_path,
+        base_model_identity=identity,
+        store_rows=store.n_rows,
+    )
+
+
+def validate_before_training(config: TrainConfig, plan: TrainPlan) -> None:
+    """Run `dmtp validate` on the store (unless validate_sample is 0); stop on any error."""
+    if config.validate_sample == 0:
+        return
+    from dmtp.validate import validate_store
+
+    report = validate_store(plan.store_path, sample=config.validate_sample, seed=config.seed)
+    if not report.ok:
+        first = report.errors[0]
+        raise StoreError(
+            f"{plan.store_path} fails validation ({len(report.errors)} errors, first: {first}); "
+            f"run `dmtp validate --data_dir {plan.store_path}` for the full report and re-collect the damaged shards"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# the head
+
+
+def build_or_load_head(config: TrainConfig, plan: TrainPlan) -> Any:
+    """A new head (from the base model, or random) or the one at --model_name_or_path, checked against the plan."""
+    from dmtp.head import build_head, load_base_model_parts, load_head
+
+    if config.model_name_or_path:
+        head = load_head(config.model_name_or_path)
+        where = f"--model_name_or_path {config.model_name_or_path}"
+        if head.config.hidden_size != plan.hidden_size:
+            raise DmtpError(
+                f"{where}: head hidden size {head.config.hidden_size} != the store's {plan.hidden_size}"
+            )
+        if head.config.block_length != config.block_length:
+            raise DmtpError(
+                f"{where}: the head was trained with block_length {head.config.block_length}; "
+                f"pass --block_length {head.config.block_length}"
+            )
+        if head.config.vocab_size < plan.store_vocab_size:
+            raise DmtpError(
+                f"{where}: head vocabulary {head.config.vocab_size} < the store's {plan.store_vocab_size}"
+            )
+    else:
+        base = None
+        if plan.base_model_path is not None:
+            base = load_base_model_parts(plan.base_model_path or None)
+            recorded = (plan.base_model_identity or {}).get("fingerprint")
+            if recorded and recorded != base.identity["fingerprint"]:
+                raise DmtpError(
+                    f"the store was collected from base model {plan.base_model_identity.get('name_or_path')!r} "
+                    f"(fingerprint {recorded}), but --base_model_path {plan.base_model_path or '(default)'} "
+                    f"has fingerprint {base.identity['fingerprint']}: train with the model that made the hidden states"
+                )
+            if plan.base_model_identity and plan.base_model_identity.get("hidden_state"):
+                base.identity["hidden_state"] = plan.base_model_identity["hidden_state"]
+        head = build_head(
+            hidden_size=plan.hidden_size,
+            vocab_size=plan.vocab_size,
+            mask_token_id=plan.mask_token_id,
+            block_length=config.block_length,
+            num_hidden_layers=config.num_hidden_layers,
+            pad_token_id=config.pad_token_id,
+            base=base,
+            base_model_identity=plan.base_model_identity,
+            seed=config.seed,
+        )
+    if head.config.base_model is not None and (
+        config.model_name_or_path or plan.base_model_path is not None
+    ):
+        # Frozen copies of the base model's matrices; a random embedding or LM head always trains.
+        head.freeze_base_weights(embeddings=config.freeze_embeddings, lm_head=config.freeze_lm_head)
+    return head
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters; no weight decay on norms, biases, embeddings or the mask vector."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.ndim < 2 or "embed" in name or name.endswith("mask_embedding")
+        (no_decay if exempt else decay).append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# one training step and evaluation (free functions: the tests and the benchmark call them too)
+
+
+def noise_generator(seed: int, rank: int, step: int, micro_step: int = 0) -> torch.Generator:
+    """A CPU generator for the masking noise of one micro-batch: a function of its position in the run."""
+    state = np.random.SeedSequence([seed, rank, step, micro_step]).generate_state(
+        2, dtype=np.uint64
+    )
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def diffusion_loss(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    *,
+    schedule: Any,
+    loss_weight_type: str,
+    time_epsilon: float,
+    mask_token_id: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Mask the batch's labels at random times and return the masked-diffusion loss (scalar)."""
+    from dmtp.loss import loss_weights, masked_diffusion_loss, noised_input_ids, sample_masking
+
+    labels = batch["labels"]
+    t, masked = sample_masking(labels, schedule, time_epsilon, generator)
+    output = model(
+        in_hidden_states=batch["in_hidden_states"],
+        input_ids=noised_input_ids(labels, masked, mask_token_id),
+        attention_mask=batch.get("attention_mask"),
+    )
+    return masked_diffusion_loss(
+        output.logits, labels, masked, loss_weights(schedule, t, loss_weight_type)
+    )
+
+
+@torch.no_grad()
+def draft_counts(
+    model: Any, batch: dict[str, torch.Tensor], mask_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Greedy one-step drafts as at inference (DESIGN §5): position 0 clean, the rest masked.
+
+    Returns counts to be summed over batches and ranks: `correct [L]`, `valid [L]` per position,
+    and `tau_sum`, `tau_count` over full blocks, where an example's τ is 1 + the number of leading
+    correct drafts at positions 1..L-1 (the bonus token counts, as in EAGLE / Spec-Bench).
+    """
+    labels = batch["labels"]
+    valid = labels != -100
+    input_ids = torch.full_like(labels, mask_token_id)
+    input_ids[:, 0] = torch.where(
+        valid[:, 0], labels[:, 0], torch.full_like(labels[:, 0], mask_token_id)
+    )
+    logits = model(
+        in_hidden_states=batch["in_hidden_states"],
+        input_ids=input_ids,
+        attention_mask=batch.get("attention_mask"),
+    ).logits
+    correct = (logits.argmax(-1) == labels) & valid
+    full = valid.all(dim=1)
+    leading = torch.cumprod(correct[:, 1:].long(), dim=1).sum(dim=1)
+    return {
+        "correct": correct.sum(dim=0).double(),
+        "valid": valid.sum(dim=0).double(),
+        "tau_sum": (1 + leading)[full].sum().double().reshape(1),
+        "tau_count": full.sum().double().reshape(1),
+    }
+
+
+def summarize_draft_counts(
+    counts: dict[str, torch.Tensor], prefix: str = "val/"
+) -> dict[str, float]:
+    """Per-position draft accuracy (positions 1..L-1, the drafted ones) and simulated τ."""
+    metrics: dict[str, float] = {}
+    correct, valid = counts["correct"].tolist(), counts["valid"].tolist()
+    for position in range(1, len(correct)):
+        if valid[position]:
+            metrics[f"{prefix}accuracy_pos{position}"] = correct[position] / valid[position]
+    drafted_valid = sum(valid[1:])
+    if drafted_valid:
+        metrics[f"{prefix}draft_accuracy"] = sum(correct[1:]) / drafted_valid
+    if counts["tau_count"].item():
+        metrics[f"{prefix}tau"] = counts["tau_sum"].item() / counts["tau_count"].item()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: safetensors + JSON, never pickle
+
+
+_STATE_OBJECT_MODULES = ("deepspeed.",)  # the only classes a checkpoint may name (no pickle)
+
+
+def _flatten_state(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Nested dict/list state -> a JSON skeleton; tensors go to `tensors` under their dotted path."""
+    if isinstance(value, torch.Tensor):
+        key = prefix.rstrip(".")
+        tensors[key] = value.detach().to("cpu").contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str | int) for k in value):
+            raise DmtpError(f"cannot checkpoint state with key types {[type(k) for k in value]}")
+        return {
+            "__dict__": [[k, _flatten_state(v, f"{prefix}{k}.", tensors)] for k, v in value.items()]
+        }
+    if isinstance(value, list | tuple):
+        kind = (
+            "__list__" if isinstance(value, list) else "__tuple__"
+        )  # betas=(0.9, 0.999) stay tuples
+        return {kind: [_flatten_state(v, f"{prefix}{i}.", tensors) for i, v in enumerate(value)]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if type(value).__module__.startswith(_STATE_OBJECT_MODULES) and hasattr(value, "__dict__"):
+        # DeepSpeed's ZeRO optimizer state holds its loss scaler as an object: keep its fields.
+        cls = type(value)
+        return {
+            "__object__": f"{cls.__module__}:{cls.__qualname__}",
+            "__state__": _flatten_state(vars(value), prefix, tensors),
+        }
+    raise DmtpError(
+        f"cannot checkpoint a {type(value).__name__} at {prefix.rstrip('.')} without pickle"
+    )
+
+
+def _unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {k: _unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__list__" in skeleton:
+            return [_unflatten_state(v, tensors) for v in skeleton["__list__"]]
+        if "__tuple__" in skeleton:
+            return tuple(_unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+        if "__object__" in skeleton:
+            module_name, qualname = skeleton["__object__"].split(":")
+            if not module_name.startswith(_STATE_OBJECT_MODULES):
+                raise DmtpError(f"refusing to rebuild a {skeleton['__object__']} from a checkpoint")
+            cls = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                cls = getattr(cls, part)
+            value = cls.__new__(cls)
+            value.__dict__.update(_unflatten_state(skeleton["__state__"], tensors))
+            return value
+    return skeleton
+
+
+def save_state_dict(state: dict[str, Any], path: Path) -> None:
+    """Any nested optimizer/scheduler state as `<path>.safetensors` (tensors) + `<path>.json` (the rest)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten_state(state, "", tensors)
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps(skeleton))
+
+
+def load_state_dict(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    return _unflatten_state(json.loads(path.with_suffix(".json").read_text()), tensors)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    numpy_state = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(numpy_state[1].astype(np.int64))
+    python_state = random.getstate()
+    scalars = {
+        "numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+    }
+    return tensors, scalars
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    name, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state(
+        (name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    )
+    version, internal, gauss = scalars["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoints (a state file is written last), oldest first."""
+    found = [
+        p
+        for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir()
+        and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
+        and (p / STATE_FILE).exists()
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
+def resolve_resume_path(config: TrainConfig) -> Path | None:
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "auto":
+        found = list_checkpoints(Path(config.output_dir))
+        return found[-1] if found else None  # nothing to resume: start fresh
+    path = Path(config.resume_from_checkpoint)
+    if not (path / STATE_FILE).exists():
+        raise DmtpError(
+            f"--resume_from_checkpoint {path}: not a finished checkpoint (no {STATE_FILE}); "
+            f"pass a {CHECKPOINT_PREFIX}<step> folder of --output_dir, or `auto`"
+        )
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# MLflow (rank 0 only)
+
+
+def default_tracking_uri(output_dir: str | Path) -> str:
+    """$MLFLOW_TRACKING_URI, else a SQLite store beside the output folder (shared by sibling runs)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(output_dir).resolve().parent / 'mlflow.db'}"
+
+
+class Tracker:
+    """One MLflow run per training (continued on resume); every call is a no-op off rank 0."""
+
+    def __init__(self, config: TrainConfig, enabled: bool):
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self.tracking_uri = config.mlflow_tracking_uri or default_tracking_uri(config.output_dir)
+        if config.report_to == "none":
+            self.enabled = enabled = False
+            self.tracking_uri = "(MLflow off: --report_to none)"
+        if not enabled:
+            return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(self.tracking_uri)
+
+    def start(
+        self, config: TrainConfig, run_id: str | None, params: dict[str, Any], tags: dict[str, str]
+    ) -> None:
+        if not self.enabled:
+            return
+        mlflow = self.mlflow
+        experiment = mlflow.get_experiment_by_name(config.experiment_name)
+        if experiment is None:
+            artifact_location = None
+            if self.tracking_uri.startswith("sqlite:///"):
+                # Keep artifacts beside the database, not in whatever directory the job started in.
+                db_path = Path(self.tracking_uri.removeprefix("sqlite:///"))
+                artifact_location = (db_path.parent / "mlartifacts").resolve().as_uri()
+            try:
+                experiment_id = mlflow.create_experiment(config.experiment_name, artifact_location)
+            except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
+                experiment_id = mlflow.get_experiment_by_name(config.experiment_name).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=None if run_id else experiment_id,
+            run_name=None
+            if run_id
+            else (config.run_name or Path(config.output_dir).resolve().name),
+            log_system_metrics=True,
+        )
+        self.run_id = run.info.run_id
+        if run_id is None:
+            mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        mlflow.set_tags(tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.enabled and self.run_id:
+            self.mlflow.log_metrics(metrics, step=step)
+
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        if self.enabled and self.run_id:
+            self.mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self.mlflow.end_run(status=status)
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+    return text[:6000]  # MLflow's limit on a param value
+
+
+def flatten_params(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key in ("data",):
+            flat.update(flatten_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+
+
+def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    """The --deepspeed JSON with batch size, accumulation and clipping filled from our flags.
+
+    Filled here, not left to "auto", so the file and the command line cannot disagree.
+    """
+    path = Path(config.deepspeed or "")
+    if not path.is_file():
+        raise DmtpError(
+            f"--deepspeed {path}: no such file (see deploy/deepspeed/zero2.json, zero3.json)"
+        )
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DmtpError(f"--deepspeed {path}: not valid JSON ({error})") from error
+    stage = values.get("zero_optimization", {}).get("stage")
+    if stage not in (0, 1, 2, 3):
+        raise DmtpError(f"--deepspeed {path}: zero_optimization.stage must be 0-3, got {stage!r}")
+    values["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+    values["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+    values["gradient_clipping"] = config.max_grad_norm
+    values.pop("train_batch_size", None)  # derived by DeepSpeed from the two above
+    return values
+
+
+def make_accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise DmtpError(
+            "--device cuda: CUDA is not available on this machine (use --device cpu or auto)"
+        )
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    plugin = None
+    if config.deepspeed:
+        values = deepspeed_config(config)
+        if importlib.util.find_spec("deepspeed") is None:
+            raise DmtpError("--deepspeed needs the deepspeed package: pip install deepspeed")
+        plugin = DeepSpeedPlugin(hf_ds_config=values)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        deepspeed_plugin=plugin,
+    )
+
+
+def make_dataloaders(
+    config: TrainConfig, plan: TrainPlan, rank: int, world_size: int
+) -> tuple[Any, Any]:
+    """(train, validation) loaders of this rank's share of the store."""
+    from dmtp.data import create_dataloaders
+
+    train_dl, val_dl, _ = create_dataloaders(
+        plan.store_path,
+        batch_size=config.per_device_train_batch_size,
+        config=config.data,
+        mask_token_id=plan.mask_token_id,
+        seed=config.seed,
+        num_workers=config.dataloader_num_workers,
+        rank=rank,
+        world_size=world_size,
+        val_batch_size=config.per_device_eval_batch_size,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return train_dl, val_dl
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    run_id: str | None
+    tracking_uri: str
+    steps: int
+    losses: dict[int, float]  # step -> mean loss over ranks (every step)
+    metrics: dict[str, float]  # the last evaluation
+
+
+class Trainer:
+    """setup -> fit (train_step, evaluate, save_checkpoint) -> save_final. One instance per rank."""
+
+    def __init__(self, config: TrainConfig, plan: TrainPlan, accelerator: Any):
+        from dmtp.schedules import get_schedule
+
+        self.config = config
+        self.plan = plan
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index
+        self.world_size = accelerator.num_processes
+        self.is_main = accelerator.is_main_process
+        self.output_dir = Path(config.output_dir)
+        self.schedule = get_schedule(config.scheduler_type, config.kappa)
+        self.tracker = Tracker(config, enabled=self.is_main)
+        self.step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.losses: dict[int, float] = {}
+        self.last_eval: dict[str, float] = {}
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self, resume_from: Path | None) -> None:
+        from transformers import get_scheduler
+
+        config = self.config
+        model = build_or_load_head(config, self.plan)
+        self.mask_token_id = model.config.mask_token_id
+        state: dict[str, Any] | None = None
+        if resume_from is not None:
+            state = json.loads((resume_from / STATE_FILE).read_text())
+            self._load_model_weights(model, resume_from)
+        self.train_dl, self.val_dl = make_dataloaders(config, self.plan, self.rank, self.world_size)
+        micro_per_epoch = len(self.train_dl)
+        if micro_per_epoch == 0:
+            raise DmtpError(
+                f"the training split of {self.plan.store_path} has no batch for rank {self.rank}: "
+                "use more data, a smaller --per_device_train_batch_size, or fewer processes"
+            )
+        self.steps_per_epoch = max(1, micro_per_epoch // config.gradient_accumulation_steps)
+        self.total_steps = config.max_steps or math.ceil(
+            config.num_train_epochs * self.steps_per_epoch
+        )
+        optimizer = torch.optim.AdamW(
+            parameter_groups(model, config.weight_decay), lr=config.learning_rate, foreach=False
+        )
+        self.lr_scheduler = get_scheduler(
+            {"constant": "constant_with_warmup"}.get(
+                config.lr_scheduler_type, config.lr_scheduler_type
+            ),
+            optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if state is not None:
+            self._load_training_state(resume_from, state)
+        run_id = state.get("mlflow_run_id") if state else None
+        self.tracker.start(config, run_id, self._params(), self._tags(resume_from))
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            where = (
+                f"resuming from {resume_from} at step {self.step}" if resume_from else "starting"
+            )
+            print(
+                f"dmtp train: {where}; {self.world_size} process(es) on {self.accelerator.device}, "
+                f"head {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable), "
+                f"{self.total_steps} steps ({self.steps_per_epoch} per epoch); MLflow "
+                f"{self.tracker.tracking_uri} run {self.tracker.run_id}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _params(self) -> dict[str, Any]:
+        resolved = {
+            **flatten_params(to_dict(self.config)),
+            "resolved.hidden_size": self.plan.hidden_size,
+            "resolved.vocab_size": self.plan.vocab_size,
+            "resolved.mask_token_id": self.plan.mask_token_id,
+            "resolved.base_model_path": self.plan.base_model_path,
+            "resolved.store_path": str(self.plan.store_path),
+            "resolved.store_rows": self.plan.store_rows,
+            "resolved.world_size": self.world_size,
+            "resolved.total_steps": self.total_steps,
+            "resolved.steps_per_epoch": self.steps_per_epoch,
+            "resolved.global_batch_size": self.config.per_device_train_batch_size
+            * self.world_size
+            * self.config.gradient_accumulation_steps,
+            "resolved.mixed_precision": str(self.accelerator.mixed_precision),
+            "resolved.distributed_type": str(self.accelerator.distributed_type),
+        }
+        return resolved
+
+    def _tags(self, resume_from: Path | None) -> dict[str, str]:
+        import dmtp
+
+        identity = self.plan.base_model_identity or {}
+        tags = {
+            "dmtp.version": getattr(dmtp, "__version__", "unknown"),
+            "dmtp.stage": "train",
+            "dmtp.store": str(self.plan.store_path),
+            "dmtp.base_model": str(identity.get("name_or_path", "")),
+            "dmtp.base_model_fingerprint": str(identity.get("fingerprint", "")),
+        }
+        if resume_from is not None:
+            tags[f"dmtp.resumed_at_step_{self.step}"] = str(resume_from)
+        return tags
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from the current data position onwards, epoch after epoch.
+
+        On resume the epoch's first `batches_in_epoch` batches are read and dropped: the order is a
+        function of (seed, epoch), so what follows is exactly what the killed run would have seen.
+        """
+        while True:
+            for owner in (self.train_dl, getattr(self.train_dl, "dataset", None)):
+                if hasattr(owner, "set_epoch"):
+                    owner.set_epoch(self.epoch)
+                    break
+            skip = self.batches_in_epoch
+            for index, batch in enumerate(self.train_dl):
+                if index < skip:
+                    continue
+                self.batches_in_epoch = index + 1
+                yield batch
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {
+            k: v.to(self.accelerator.device)
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor)
+        }
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches -> (mean loss over ranks, grad norm)."""
+        config, accelerator = self.config, self.accelerator
+        self.model.train()
+        total = torch.zeros((), device=accelerator.device)
+        for micro, batch in enumerate(micro_batches):
+            batch = self._to_device(batch)
+            with accelerator.accumulate(self.model):
+                loss = diffusion_loss(
+                    self.model,
+                    batch,
+                    schedule=self.schedule,
+                    loss_weight_type=config.loss_weight_type,
+                    time_epsilon=config.time_epsilon,
+                    mask_token_id=self.mask_token_id,
+                    generator=noise_generator(config.seed, self.rank, self.step, micro),
+                )
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    parameters = [p for p in self.model.parameters() if p.requires_grad]
+                    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+                    grad_norm = accelerator.clip_grad_norm_(parameters, max_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+        self.lr_scheduler.step()
+        self.step += 1
+        mean_loss = accelerator.reduce(total / len(micro_batches), reduction="mean").item()
+        if grad_norm is None and getattr(self.model, "get_global_grad_norm", None):  # DeepSpeed
+            grad_norm = self.model.get_global_grad_norm()
+        return mean_loss, float(grad_norm) if grad_norm is not None else float("nan")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (fixed noise) and greedy draft metrics on up to max_eval_examples examples."""
+        config = self.config
+        self.model.eval()
+        per_rank = math.ceil(config.max_eval_examples / self.world_size)
+        batch_size = config.per_device_eval_batch_size or config.per_device_train_batch_size
+        n_batches = min(len(self.val_dl), math.ceil(per_rank / batch_size))
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            # The same number of forwards on every rank: ZeRO-3 gathers parameters collectively.
+            agreed = torch.tensor([n_batches], device=self.accelerator.device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            n_batches = int(agreed.item())
+        sums = {
+            "loss_sum": torch.zeros(1, dtype=torch.float64),
+            "loss_count": torch.zeros(1, dtype=torch.float64),
+        }
+        counts: dict[str, torch.Tensor] = {}
+        seen = 0
+        for index, batch in enumerate(self.val_dl):
+            if index >= n_batches:
+                break
+            batch = self._to_device(batch)
+            if batch["labels"].shape[0] > per_rank - seen:
+                batch = {k: v[: max(per_rank - seen, 1)] for k, v in batch.items()}
+            seen += batch["labels"].shape[0]
+            loss = diffusion_loss(
+                self.model,
+                batch,
+                schedule=self.schedule,
+                loss_weight_type=config.loss_weight_type,
+                time_epsilon=config.time_epsilon,
+                mask_token_id=self.mask_token_id,
+                generator=noise_generator(config.seed, self.rank, EVAL_NOISE_STEP, index),
+            )
+            sums["loss_sum"] += loss.double().cpu() * batch["labels"].shape[0]
+            sums["loss_count"] += batch["labels"].shape[0]
+            for key, value in draft_counts(self.model, batch, self.mask_token_id).items():
+                counts[key] = counts.get(key, 0) + value.cpu()
+        if not counts:  # this rank had no validation data: contribute zeros of the right shape
+            length = self.config.block_length
+            counts = {
+                "correct": torch.zeros(length, dtype=torch.float64),
+                "valid": torch.zeros(length, dtype=torch.float64),
+                "tau_sum": torch.zeros(1, dtype=torch.float64),
+                "tau_count": torch.zeros(1, dtype=torch.float64),
+            }
+        totals = {
+            k: self.accelerator.reduce(v.to(self.accelerator.device), "sum").cpu()
+            for k, v in {**sums, **counts}.items()
+        }
+        metrics = summarize_draft_counts(totals)
+        if totals["loss_count"].item():
+            metrics["val/loss"] = totals["loss_sum"].item() / totals["loss_count"].item()
+        self.last_eval = metrics
+        return metrics
+
+    def check_replicas(self) -> None:
+        """All-gather a weight checksum; every rank must hold the same trainable weights."""
+        model = self.accelerator.unwrap_model(self.model)
+        flat = torch.cat(
+            [p.detach().double().flatten() for p in model.parameters() if p.requires_grad]
+        )
+        weights = (
+            torch.arange(1, flat.numel() + 1, dtype=torch.float64) % 1013 + 1
+        )  # order-sensitive
+        fingerprint = torch.stack(
+            [flat.sum(), (flat.cpu() * weights).sum().to(flat.device)]
+        ).reshape(1, 2)
+        gathered = self.accelerator.gather(fingerprint.to(self.accelerator.device)).cpu()
+        if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+            raise DmtpError(f"step {self.step}: ranks hold different weights: {gathered.tolist()}")
+        if self.is_main:
+            print(
+                f"dmtp train: step {self.step}: weights identical on {self.world_size} ranks "
+                f"(checksum {gathered[0, 1].item():.17g})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def fit(self) -> TrainResult:
+        config = self.config
+        batches = self._batches()
+        window_start, window_examples, window_losses = time.perf_counter(), 0, []
+        examples_per_step = (
+            config.per_device_train_batch_size
+            * config.gradient_accumulation_steps
+            * self.world_size
+        )
+        progress = None
+        if self.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
+        while self.step < self.total_steps:
+            micro = [next(batches) for _ in range(config.gradient_accumulation_steps)]
+            loss, grad_norm = self.train_step(micro)
+            self.losses[self.step] = loss
+            window_losses.append(loss)
+            window_examples += examples_per_step
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}")
+            if config.check_replicas_steps and self.step % config.check_replicas_steps == 0:
+                self.check_replicas()
+            if self.step % config.logging_steps == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "train/loss": sum(window_losses) / len(window_losses),
+                    "train/learning_rate": self.lr_scheduler.get_last_lr()[0],
+                    "train/grad_norm": grad_norm,
+                    "train/examples_per_second": window_examples / elapsed if elapsed > 0 else 0.0,
+                    "train/epoch": self.epoch + self.batches_in_epoch / max(1, len(self.train_dl)),
+                }
+                self._log(metrics)
+                window_start, window_examples, window_losses = time.perf_counter(), 0, []
+            is_save = self.step % config.save_steps == 0 and self.step < self.total_steps
+            eval_every = config.eval_steps
+            if (
+                (eval_every and self.step % eval_every == 0)
+                or (not eval_every and is_save)
+                or self.step == self.total_steps
+            ):
+                self._log(self.evaluate())
+            if is_save:
+                self.save_checkpoint()
+            if os.environ.get(KILL_AT_STEP_ENV) == str(self.step):
+                os.kill(os.getpid(), signal.SIGKILL)
+        if progress is not None:
+            progress.close()
+        final_dir = self.save_final()
+        return TrainResult(
+            final_dir,
+            self.tracker.run_id,
+            self.tracker.tracking_uri,
+            self.step,
+            self.losses,
+            self.last_eval,
+        )
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if not self.is_main or not metrics:
+            return
+        self.tracker.log_metrics(metrics, self.step)
+        with open(self.output_dir / LOG_FILE, "a") as handle:
+            handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        print(
+            f"dmtp train: step {self.step}/{self.total_steps} {text}", file=sys.stderr, flush=True
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _save_model(self, folder: Path) -> None:
+        """Write a loadable head folder (safetensors) from rank 0; gathers ZeRO-3 shards on all ranks."""
+        state_dict = self.accelerator.get_state_dict(self.model)
+        if self.is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+
+    def _load_model_weights(self, model: Any, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise DmtpError(
+                f"{folder}: the checkpoint does not fit this head (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); resume with the flags of the original run"
+            )
+
+    def save_checkpoint(self) -> Path:
+        """`<output_dir>/checkpoint-<step>/`, written under a temporary name and renamed when complete."""
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = self.output_dir / f".{final.name}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self._save_model(tmp)
+        deepspeed = self.accelerator.distributed_type.name == "DEEPSPEED"
+        # Under DDP every rank holds the same optimizer state; under ZeRO each holds its partition.
+        if self.is_main or deepspeed:
+            name = f"optimizer_rank{self.rank}" if deepspeed else "optimizer"
+            save_state_dict(self.optimizer.state_dict(), tmp / name)
+        from safetensors.torch import save_file
+
+        rng_tensors, rng_scalars = _rng_state()
+        save_file(rng_tensors, str(tmp / f"rng_state_{self.rank}.safetensors"))
+        (tmp / f"rng_state_{self.rank}.json").write_text(json.dumps(rng_scalars))
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batches_in_epoch": self.batches_in_epoch,
+                "total_steps": self.total_steps,
+                "world_size": self.world_size,
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "mlflow_run_id": self.tracker.run_id,
+                "losses": {str(k): v for k, v in sorted(self.losses.items())},
+                "config": to_dict(self.config),
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            self._prune_checkpoints()
+            if self.config.mlflow_log_checkpoints:
+                self.tracker.log_artifacts(final, f"checkpoints/{final.name}")
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.config.save_total_limit
+        if limit:
+            for old in list_checkpoints(self.output_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _load_training_state(self, folder: Path, state: dict[str, Any]) -> None:
+        from safetensors.torch import load_file
+
+        if state["world_size"] != self.world_size:
+            raise DmtpError(
+                f"{folder} was written by {state['world_size']} processes, this run has {self.world_size}: "
+                "resume with the same --nproc_per_node so the data order and loss curve continue"
+            )
+        deepspeed = self.accelerator.distributed_type.name == "DEEPSPEED"
+        name = f"optimizer_rank{self.rank}" if deepspeed else "optimizer"
+        optimizer_state = load_state_dict(folder / name)
+        if deepspeed:
+            # ZeRO wants the list of all ranks' states but reads only its own (non-elastic), and
+            # should rebuild its fp32 master weights from the saved fp32 partition, not from the
+            # 16-bit model weights.
+            self.optimizer.optimizer.load_state_dict(
+                [optimizer_state] * self.world_size, load_from_fp32_weights=True
+            )
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.losses = {int(k): v for k, v in state.get("losses", {}).items()}
+        rng_file = folder / f"rng_state_{self.rank}.safetensors"
+        if rng_file.exists():
+            _set_rng_state(
+                load_file(str(rng_file)), json.loads(rng_file.with_suffix(".json").read_text())
+            )
+
+    def save_final(self) -> Path:
+        final_dir = self.output_dir / FINAL_DIRNAME
+        if self.is_main:
+            shutil.rmtree(final_dir, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._save_model(final_dir)
+        if self.is_main:
+            summary = {
+                "step": self.step,
+                "mlflow_run_id": self.tracker.run_id,
+                "metrics": self.last_eval,
+            }
+            (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            self.tracker.log_artifacts(final_dir, "head")
+            self.tracker.finish()
+        self.accelerator.wait_for_everyone()
+        return final_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# entry points
+
+
+def _agree_on_validation(config: TrainConfig, plan: TrainPlan, accelerator: Any) -> None:
+    """Rank 0 validates the store; every rank stops if it failed (nobody hangs in a collective)."""
+    message = ""
+    if accelerator.is_main_process:
+        try:
+            validate_before_training(config, plan)
+        except DmtpError as error:
+            message = str(error)
+    failed = torch.tensor([1.0 if message else 0.0], device=accelerator.device)
+    failed = accelerator.reduce(failed, "sum") if accelerator.num_processes > 1 else failed
+    if message:
+        raise StoreError(message)
+    if failed.item():
+        raise StoreError(f"{plan.store_path} fails validation (see rank 0's message)")
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Check, train and save; returns where the head is and the MLflow run."""
+    from accelerate.utils import set_seed
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # per-file save/load bars would drown the log
+    plan = plan_training(config)  # cheap checks on every rank, before any process group exists
+    resume_from = resolve_resume_path(config)
+    accelerator = make_accelerator(config)
+    try:
+        _agree_on_validation(config, plan, accelerator)
+        set_seed(config.seed)
+        trainer = Trainer(config, plan, accelerator)
+        trainer.setup(resume_from)
+        try:
+            result = trainer.fit()
+        except BaseException:
+            trainer.tracker.finish(status="FAILED")
+            raise
+    finally:
+        accelerator.end_training()
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dmtp.cli import add_config_arguments
+
+    add_config_arguments(parser, TrainConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dmtp.cli import config_from_args
+
+    config = config_from_args(TrainConfig, args)
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"head: {result.final_dir}")
+        print(f"mlflow run: {result.run_id} ({result.tracking_uri})")
+        print(f"browse: mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    from dmtp.cli import run_command
+
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(run_command("train", sys.argv[1:]))
