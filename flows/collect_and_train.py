@@ -133,12 +133,13 @@ def collect_store(
     max_parallel_shards: int | None,
     refresh_cache: bool,
     stall_timeout_s: float,
-) -> tuple[StoreManifest, dict[str, bool]]:
+) -> tuple[StoreManifest, dict[str, bool], list[dict[str, Any]]]:
     """Collect every shard (waves of at most `max_parallel_shards`), then validate the store.
 
     When validation fails on shards that came from the cache, those shards are collected again
     from scratch, once; any other validation failure stops the flow here, before training.
-    Returns the store's manifest and, per stage, whether it was served from the cache.
+    Returns the store's manifest, per stage whether it was served from the cache, and per shard
+    its rows and where an interrupted attempt left it.
     """
     logger = get_run_logger()
     collect = configured(collect_shard, root, refresh_cache)
@@ -178,7 +179,11 @@ def collect_store(
         manifests = [shards[k] for k in range(plan.num_shards)]
         state = validate(plan, manifests, stall_timeout_s=stall_timeout_s, return_state=True)
     store: StoreManifest = state.result()  # raises StoreInvalid: the flow stops before training
-    return store, {"collect": all(cached.values()), "validate": _cached(state)}
+    shard_facts = [
+        {"shard": k, "rows": m.rows, "resumed_from_rows": m.resumed_from_rows, "cached": cached[k]}
+        for k, m in sorted(shards.items())
+    ]
+    return store, {"collect": all(cached.values()), "validate": _cached(state)}, shard_facts
 
 
 def train_and_evaluate(
@@ -225,7 +230,11 @@ def train_and_evaluate(
 
 
 def summarize(
-    store: StoreManifest, head: HeadManifest | None, evaluation: Any, cached: dict[str, bool]
+    store: StoreManifest,
+    head: HeadManifest | None,
+    evaluation: Any,
+    cached: dict[str, bool],
+    shards: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """What a flow returns and logs last: where everything is and the figures that matter."""
     summary: dict[str, Any] = {
@@ -234,6 +243,7 @@ def summarize(
         "store_rows": store.rows,
         "store_sequences": store.sequences,
         "cached": cached,
+        "shards": shards or [],
     }
     if head is not None:
         summary.update(
@@ -365,7 +375,7 @@ def collect_and_train(
         str(root),
     )
     stall_s = stall_timeout_minutes * 60
-    store, cached = collect_store(
+    store, cached, shard_facts = collect_store(
         plan,
         root,
         gpus=gpus,
@@ -384,7 +394,7 @@ def collect_and_train(
         refresh_cache=refresh_cache,
         stall_timeout_s=stall_s,
     )
-    summary = summarize(store, head, evaluation, {**cached, **train_cached})
+    summary = summarize(store, head, evaluation, {**cached, **train_cached}, shard_facts)
     logger.info(headline(summary))
     return summary
 
@@ -461,7 +471,7 @@ def collect(
     plan = configured(plan_collection, root, refresh_cache)(
         base_model_path, input_data_path, _collect_settings(locals()), num_shards, str(root)
     )
-    store, cached = collect_store(
+    store, cached, shard_facts = collect_store(
         plan,
         root,
         gpus=gpus,
@@ -469,7 +479,7 @@ def collect(
         refresh_cache=refresh_cache,
         stall_timeout_s=stall_timeout_minutes * 60,
     )
-    summary = summarize(store, None, None, cached)
+    summary = summarize(store, None, None, cached, shard_facts)
     logger.info(headline(summary))
     return summary
 

