@@ -693,6 +693,10 @@ class Trainer:
             num_warmup_steps=config.warmup_steps,
             num_training_steps=self.total_steps,
         )
+        self.parameter_counts = (
+            sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad),
+        )  # counted before prepare: ZeRO-3 leaves empty placeholders in the module
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if state is not None:
             self._load_training_state(resume_from, state)
@@ -700,13 +704,13 @@ class Trainer:
         self.tracker.start(config, run_id, self._params(), self._tags(resume_from))
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            total = sum(p.numel() for p in model.parameters())
+            total, trainable = self.parameter_counts
             where = (
                 f"resuming from {resume_from} at step {self.step}" if resume_from else "starting"
             )
             print(
-                f"dmtp train: {where}; {self.world_size} process(es) on {self.accelerator.device}, "
+                f"dmtp train: {where}; {self.world_size} process(es) on {self.accelerator.device} "
+                f"({self.accelerator.distributed_type.name}, {self.accelerator.mixed_precision}), "
                 f"head {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable), "
                 f"{self.total_steps} steps ({self.steps_per_epoch} per epoch); MLflow "
                 f"{self.tracker.tracking_uri} run {self.tracker.run_id}",
@@ -729,6 +733,8 @@ class Trainer:
             "resolved.global_batch_size": self.config.per_device_train_batch_size
             * self.world_size
             * self.config.gradient_accumulation_steps,
+            "resolved.parameters": self.parameter_counts[0],
+            "resolved.trainable_parameters": self.parameter_counts[1],
             "resolved.mixed_precision": str(self.accelerator.mixed_precision),
             "resolved.distributed_type": str(self.accelerator.distributed_type),
         }
@@ -894,39 +900,37 @@ class Trainer:
     def fit(self) -> TrainResult:
         config = self.config
         batches = self._batches()
-        window_start, window_examples, window_losses = time.perf_counter(), 0, []
-        examples_per_step = (
-            config.per_device_train_batch_size
-            * config.gradient_accumulation_steps
-            * self.world_size
-        )
+        # Throughput counts data + step time only, not evaluation or checkpoint writing.
+        window_seconds, window_examples, window_losses = 0.0, 0, []
         progress = None
         if self.is_main and sys.stderr.isatty():
             from tqdm import tqdm
 
             progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
         while self.step < self.total_steps:
+            started = time.perf_counter()
             micro = [next(batches) for _ in range(config.gradient_accumulation_steps)]
-            loss, grad_norm = self.train_step(micro)
+            loss, grad_norm = self.train_step(micro)  # ends in a host sync (the loss value)
+            window_seconds += time.perf_counter() - started
             self.losses[self.step] = loss
             window_losses.append(loss)
-            window_examples += examples_per_step
+            # ranks hold equal shares (even_ranks), so this rank's count x world size is the total
+            window_examples += sum(len(b["labels"]) for b in micro) * self.world_size
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}")
             if config.check_replicas_steps and self.step % config.check_replicas_steps == 0:
                 self.check_replicas()
             if self.step % config.logging_steps == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
                 metrics = {
                     "train/loss": sum(window_losses) / len(window_losses),
                     "train/learning_rate": self.lr_scheduler.get_last_lr()[0],
                     "train/grad_norm": grad_norm,
-                    "train/examples_per_second": window_examples / elapsed if elapsed > 0 else 0.0,
+                    "train/examples_per_second": window_examples / window_seconds,
                     "train/epoch": self.epoch + self.batches_in_epoch / max(1, len(self.train_dl)),
                 }
                 self._log(metrics)
-                window_start, window_examples, window_losses = time.perf_counter(), 0, []
+                window_seconds, window_examples, window_losses = 0.0, 0, []
             is_save = self.step % config.save_steps == 0 and self.step < self.total_steps
             eval_every = config.eval_steps
             if (

@@ -355,3 +355,36 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
     save_file({}, str(tmp_path / "forged.safetensors"))
     with pytest.raises(DmtpError, match="refusing to rebuild"):
         load_state_dict(tmp_path / "forged")
+
+
+def test_head_from_a_base_model_keeps_its_frozen_embedding_and_lm_head(debug_model_dir, tmp_path):
+    from dmtp.head import MTPHeadModel, load_base_model_parts
+
+    store = tmp_path / "data"
+    write_synthetic_store(store, sequence_lengths=[20] * 4, hidden_size=64, vocab_size=320)
+    config = _config(store, tmp_path / "out", max_steps=3, base_model_path=str(debug_model_dir))
+    result = train(config)
+    head = MTPHeadModel.from_pretrained(result.final_dir)
+    base = load_base_model_parts(str(debug_model_dir))
+    assert torch.equal(head.embed_tokens.weight[:320], base.embeddings)
+    assert torch.equal(head.lm_head.weight[:320], base.lm_head)
+    assert head.config.base_model["fingerprint"] == base.identity["fingerprint"]
+    assert type(head.layers[0]).__name__ == "Qwen2DecoderLayer"
+
+
+def test_base_model_other_than_the_stores_is_refused(debug_model_dir, tmp_path, capsys):
+    import zarr
+
+    store = tmp_path / "data"
+    write_synthetic_store(store, sequence_lengths=[20] * 4, hidden_size=64, vocab_size=320)
+    recorded = {"name_or_path": "some/model", "fingerprint": "0" * 32, "hidden_state": "h"}
+    zarr.open_group(store, mode="a").attrs.update({"base_model": recorded})
+    argv = [
+        f"--train_data_dir={store}",
+        f"--output_dir={tmp_path / 'out'}",
+        f"--base_model_path={debug_model_dir}",
+        "--report_to=none",
+    ]
+    assert run_command("train", argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "train with the model that made the hidden states" in error[0]

@@ -98,7 +98,8 @@ def run_case(shape_name: str, batch_size: int, frozen: bool, device: str, steps:
         decoder_config=shape,
     )
     torch.manual_seed(0)
-    head = MTPHeadModel(config).to(device)
+    with torch.device(device):  # initialise on the device: a 7B-shape vocabulary is 1.1 G weights
+        head = MTPHeadModel(config)
     head.freeze_base_weights(embeddings=frozen, lm_head=frozen)
     head.train()
     parameters = [p for p in head.parameters() if p.requires_grad]
