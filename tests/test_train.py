@@ -388,3 +388,29 @@ def test_base_model_other_than_the_stores_is_refused(debug_model_dir, tmp_path, 
     assert run_command("train", argv) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "train with the model that made the hidden states" in error[0]
+
+
+def test_the_original_guides_command_lines_parse():
+    from dmtp.cli import build_parser, config_from_args
+
+    parser = build_parser("train")
+    guide_31 = (
+        "--model_name_or_path heads/mtpmodel --train_data_dir data/prompt_000001 --output_dir ckpt "
+        "--block_length 4 --per_device_train_batch_size 128 --dataloader_num_workers 8 "
+        "--num_train_epochs 100 --learning_rate 5e-5 --warmup_step 500 --logging_steps 100 "
+        "--save_steps 10000 --test-mode"
+    )
+    config = config_from_args(TrainConfig, parser.parse_args(guide_31.split()))
+    assert config.warmup_steps == 500 and config.test_mode and config.model_name_or_path
+    assert config.max_steps == 20 and config.logging_steps == 1  # what --test-mode caps
+    guide_32 = (
+        "--num_hidden_layers 1 --vocab_size 151936 --train_data_dir data --output_dir ./mtp_checkpoints "
+        "--block_length 4 --per_device_train_batch_size 32 --num_train_epochs 3 --learning_rate 1e-4 "
+        "--scheduler_type linear --loss_weight_type scheduler --hidden_size 3584 --mask_token_id 151935 "
+        "--pad_token_id 151643 --max_samples 100 --train_ratio 0.9 --time_epsilon 0.01 "
+        "--warmup_steps 1000 --deepspeed deploy/deepspeed/zero2.json"
+    )
+    config = config_from_args(TrainConfig, parser.parse_args(guide_32.split()))
+    assert (config.vocab_size, config.hidden_size, config.mask_token_id) == (151936, 3584, 151935)
+    assert config.data.max_samples == 100 and config.data.train_ratio == 0.9
+    assert config.time_epsilon == 0.01 and config.deepspeed.endswith("zero2.json")
