@@ -1,0 +1,173 @@
+"""The real thing on loopback: Prefect server, MLflow server and a process worker (deploy/up.sh),
+`prefect deploy` of the repo's prefect.yaml, `prefect deployment run`, then deploy/down.sh.
+
+Asserts the flow run completed, the store validated, MLflow holds the training run with metrics and
+the head as an artifact; a second run with the same parameters is served from the cache in a small
+fraction of the time; every process the test started is gone afterwards. About 3-4 minutes on two
+CPU cores, most of it the servers starting and the first run's child processes importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("prefect-server", "mlflow-server", "worker")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """deploy/up.sh in a scratch data root and PREFECT_HOME on free ports; deploy/down.sh after."""
+    scratch = tmp_path_factory.mktemp("services")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # never talk to a server this machine happens to point at
+        if k
+        not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "DMTP_SERVICES_DIR", "PREFECT_PROFILE")
+    }
+    env.update(
+        DMTP_DATA_ROOT=str(scratch / "runs"),
+        PREFECT_HOME=str(scratch / "prefect"),
+        PREFECT_PORT=str(_free_port()),
+        MLFLOW_PORT=str(_free_port()),
+        PREFECT_WORKER_QUERY_SECONDS="1",  # pick a scheduled run up within a second, not ten
+        DMTP_RETRY_DELAY_SECONDS="1",
+    )
+    services_dir = scratch / "runs" / "services"
+    pids: dict[str, int] = {}
+    try:
+        subprocess.run(
+            [str(REPO_ROOT / "deploy" / "up.sh")], env=env, check=True, timeout=300, cwd=REPO_ROOT
+        )
+        pids = {name: int((services_dir / f"{name}.pid").read_text()) for name in SERVICES}
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{env['MLFLOW_PORT']}"
+        yield env
+    finally:
+        subprocess.run([str(REPO_ROOT / "deploy" / "down.sh")], env=env, timeout=120, cwd=REPO_ROOT)
+        from tasks.launch import kill_trees
+
+        kill_trees(pids.values(), grace_s=5)  # only if down.sh failed: never leave them behind
+        alive = [
+            name
+            for name, pid in pids.items()
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        ]
+        assert not alive, f"still running after deploy/down.sh: {alive}"
+
+
+def _run_deployment(env: dict[str, str], parameters: dict) -> str:
+    """`prefect deployment run collect-and-train/gpu --watch`; returns the flow run id."""
+    result = subprocess.run(
+        ["prefect", "deployment", "run", "collect-and-train/gpu", "--params", json.dumps(parameters),
+         "--watch", "--watch-interval", "2", "--watch-timeout", "400"],
+        env={**env, "PATH": f"{REPO_ROOT / '.venv' / 'bin'}:{env['PATH']}"},
+        capture_output=True, text=True, timeout=450, cwd=REPO_ROOT,
+    )  # fmt: skip
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", result.stdout)
+    assert match, result.stdout + result.stderr
+    return match.group(1)
+
+
+def _flow_run(env: dict[str, str], flow_run_id: str) -> tuple[dict, dict[str, str]]:
+    """The flow run, and its task runs' state names by task run name."""
+    api = env["PREFECT_API_URL"]
+    run = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).json()
+    tasks = httpx.post(
+        f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=30
+    ).json()
+    return run, {task["name"]: task["state"]["name"] for task in tasks}
+
+
+def test_deployment_runs_the_flow_on_the_worker_and_reruns_from_cache(
+    services, debug_model_dir, tmp_path
+):
+    import mlflow
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"Say something about {w}."}) + "\n"
+            for w in ("rivers", "owls", "salt", "maps", "glass", "bees")
+        )
+    )
+    parameters = {
+        "base_model_path": str(debug_model_dir),
+        "input_data_path": str(prompts),
+        "max_new_tokens": 16,
+        "batch_size": 3,
+        "num_shards": 2,
+        "chunk_rows": 16,
+        "rows_per_file": 32,
+        "max_steps": 4,
+        "per_device_train_batch_size": 16,
+        "logging_steps": 1,
+        "eval_input_data_path": str(prompts),
+        "eval_max_new_tokens": 12,
+        "eval_max_prompts": 2,
+    }
+
+    first_id = _run_deployment(services, parameters)
+    first, first_tasks = _flow_run(services, first_id)
+    assert first["state"]["type"] == "COMPLETED", (first["state"], first_tasks)
+    assert first_tasks == {
+        f"plan {debug_model_dir.name}": "Completed",
+        f"collect {debug_model_dir.name} shard 0/2": "Completed",
+        f"collect {debug_model_dir.name} shard 1/2": "Completed",
+        f"validate {debug_model_dir.name} store": "Completed",
+        f"train head on {debug_model_dir.name} (1 proc)": "Completed",
+        f"evaluate head on {debug_model_dir.name}": "Completed",
+    }
+
+    data_root = Path(services["DMTP_DATA_ROOT"])
+    (report_path,) = data_root.glob("stores/*/validation.json")
+    report = json.loads(report_path.read_text())
+    assert report["ok"] and report["rows"] > 0 and len(report["shards"]) == 2
+
+    client = mlflow.MlflowClient(services["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("dmtp")
+    (run,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`dmtp.stage` = 'train'"
+    )
+    assert run.info.status == "FINISHED"
+    assert {"train/loss", "val/loss", "val/tau"} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "head")], (
+        "no head artifact in MLflow"
+    )
+
+    second_id = _run_deployment(services, parameters)
+    second, second_tasks = _flow_run(services, second_id)
+    assert second["state"]["type"] == "COMPLETED", second["state"]
+    assert {
+        name: state for name, state in second_tasks.items() if not name.startswith("plan ")
+    } == {name: "Cached" for name in first_tasks if not name.startswith("plan ")}
+    assert second["total_run_time"] < 0.25 * first["total_run_time"], (
+        second["total_run_time"],
+        first["total_run_time"],
+    )
+    assert (
+        len(
+            client.search_runs(
+                [experiment.experiment_id], filter_string="tags.`dmtp.stage` = 'train'"
+            )
+        )
+        == 1
+    )
