@@ -512,6 +512,16 @@ class Tracker:
                 experiment_id = mlflow.get_experiment_by_name(config.experiment_name).experiment_id
         else:
             experiment_id = experiment.experiment_id
+        if run_id is not None:
+            try:
+                mlflow.get_run(run_id)
+            except mlflow.exceptions.MlflowException:
+                print(
+                    f"dmtp train: MLflow run {run_id} of the checkpoint is not in "
+                    f"{self.tracking_uri}; logging the resumed training to a new run",
+                    file=sys.stderr,
+                )
+                run_id = None
         run = mlflow.start_run(
             run_id=run_id,
             experiment_id=None if run_id else experiment_id,
