@@ -38,7 +38,7 @@ from dmtp.collect import (
     prepare_store,
 )
 from dmtp.config import CollectConfig, StoreLayout
-from dmtp.models import load_base_model
+from dmtp.models import BaseModel, load_base_model
 from dmtp.prompts import iter_prompts, scan_prompts
 from dmtp.store import directory_bytes, open_store
 
@@ -117,6 +117,53 @@ def timed_collect(
     return seconds, rows, directory_bytes(out), generated
 
 
+RANDOM_SHAPES = {
+    # (architecture, hidden, intermediate, layers, heads, kv heads, vocab)
+    "smollm2-135m": ("llama", 576, 1536, 30, 9, 3, 49152),
+    "qwen2.5-7b": ("qwen2", 3584, 18944, 28, 28, 4, 152064),
+}
+
+
+def random_base_model(shape: str, device: str, dtype: str) -> BaseModel:
+    """A randomly initialised causal LM of a real model's shape, with the debug tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from dmtp.debug_model import build_tokenizer
+    from dmtp.models import resolve_device, resolve_dtype
+
+    arch, hidden, intermediate, layers, heads, kv_heads, vocab = RANDOM_SHAPES[shape]
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
+    tokenizer = build_tokenizer(320)
+    config = config_class(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=8192,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class(config).to(torch_dtype).eval()
+    return BaseModel(
+        model,
+        tokenizer,
+        f"random:{shape}",
+        f"random:{shape}",
+        f"random-{shape}",
+        device,
+        torch_dtype,
+    )
+
+
 def take_prompts(source: Path, n: int, dest: Path) -> Path:
     lines = [line for line in source.read_text().splitlines() if line.strip()]
     lines = (lines * (n // len(lines) + 1))[:n]
@@ -136,6 +183,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--input_data_path", default=str(SHARED_PROMPTS if SHARED_PROMPTS.exists() else "")
+    )
+    parser.add_argument(
+        "--random_shape",
+        choices=sorted(RANDOM_SHAPES),
+        help="a randomly initialised model of this real shape (what a GPU host without the "
+        "weights can measure: throughput depends on the shape, not on the weights)",
     )
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -158,7 +211,10 @@ def main() -> None:
 
             source = DEMO_PROMPTS
         prompts = take_prompts(source, args.prompts, tmp / "prompts.jsonl")
-        base = load_base_model(model_path, args.device, args.dtype)
+        if args.random_shape:
+            base = random_base_model(args.random_shape, args.device, args.dtype)
+        else:
+            base = load_base_model(model_path, args.device, args.dtype)
         config = CollectConfig(
             base_model_path=model_path,
             max_new_tokens=args.max_new_tokens,
