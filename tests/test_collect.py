@@ -179,7 +179,7 @@ def _cli(args: list[str]) -> list[str]:
 
 
 def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(debug_model_dir, tmp_path):
-    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 4)
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 2)
     common = [
         "--base_model_path",
         str(debug_model_dir),
@@ -188,7 +188,7 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(debug_model_dir
         "--device",
         "cpu",
         "--max_new_tokens",
-        "48",
+        "32",
         "--batch_size",
         "2",
         "--chunk_rows",
@@ -221,7 +221,7 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(debug_model_dir
     process.wait()
     interrupted = open_store(killed)
     assert not interrupted.complete
-    assert 0 < interrupted.shard(0).n_sequences < len(PROMPTS) * 4
+    assert 0 < interrupted.shard(0).n_sequences < len(PROMPTS) * 2
 
     # without --resume an interrupted store is refused, and left as it was
     assert main(["collect", *common, "--output_dir", str(killed)]) == 2
