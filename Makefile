@@ -10,7 +10,7 @@ bootstrap:
 	@deploy/bootstrap.sh
 
 demo: bootstrap
-	$(VENV)/bin/dmtp collect --output_dir runs/demo --max_new_tokens 64 --batch_size 8
+	$(VENV)/bin/python -m flows.demo
 
 test: bootstrap
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """The `collect-and-train` flow: collect -> validate -> train -> evaluate, cached and retryable.
 
-    python -m flows.demo                                            # the whole job, embedded default
+    python -m flows.demo                                     # the whole job, embedded default
     prefect deploy --all && prefect deployment run collect-and-train/gpu   # on the gpu-pool workers
 
 Every stage is a task that launches a dmtp entry point as a child process (DESIGN §6). A rerun with
@@ -11,6 +11,13 @@ shard resumes from its committed rows. Parameter defaults are the dmtp config da
 
 Also here: `collect` (collect and validate only) and `train` (train and evaluate on an existing
 store).
+
+Environment (a deployment's job variables, or the shell of a local run):
+    DMTP_DATA_ROOT            default data root (stores, heads, logs, cached manifests)
+    MLFLOW_TRACKING_URI       default tracking store (else <data root>/mlflow.db)
+    CUDA_VISIBLE_DEVICES      the GPUs a run may use
+    DMTP_RETRY_DELAY_SECONDS  e.g. "1" or "5,30": replaces every task's backoff (tests, drills)
+    DMTP_FAIL_ONCE            e.g. "train_head": that task fails its first attempt (retry drills)
 """
 
 from __future__ import annotations
@@ -287,7 +294,8 @@ def _run_name(flow_name: str) -> str:
     if "train_data_dir" in parameters:
         return f"{flow_name} on {Path(parameters['train_data_dir']).name}"
     shards = parameters.get("num_shards", 1)
-    return f"{flow_name} {model_name(parameters.get('base_model_path'))} x{shards} shard{'s' * (shards > 1)}"
+    model = model_name(parameters.get("base_model_path"))
+    return f"{flow_name} {model} x{shards} shard{'s' * (shards > 1)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +356,8 @@ def collect_and_train(
     max_parallel_shards: int | None = None,
     stall_timeout_minutes: float = 60.0,
 ) -> dict[str, Any]:
-    """Collect hidden states from a base model, validate them, train a diffusion MTP head, evaluate it.
+    """Collect hidden states from a base model, validate them, train a diffusion MTP head on them,
+    and evaluate the head by speculative decoding.
 
     data_root: where stores, heads, logs and the stages' cached manifests go (shared by every
         worker); default $DMTP_DATA_ROOT, else ./runs.

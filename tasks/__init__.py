@@ -1,6 +1,7 @@
 """Prefect tasks: one dmtp entry point each, with retries, cache keys and timeouts.
 
-    plan_collection -> collect_shard (one per shard) -> validate_store -> train_head -> evaluate_head
+    plan_collection -> collect_shard (one per shard) -> validate_store -> train_head
+      -> evaluate_head
 
 GPU and distributed work runs in child processes (`dmtp collect`, `torchrun -m dmtp.train`, ...)
 that a timeout can kill; tasks hand each other small manifests (tasks.manifests), never tensors.

@@ -85,7 +85,7 @@ class OutputCache(CachePolicy):
 def tree_listing_digest(root: Path) -> str:
     """sha256 over every file's relative path, size and mtime under `root`: changes on any write.
 
-    Cheap (metadata only), so a validation result can be reused exactly while the store is untouched.
+    Cheap (metadata only): a validation result is reused exactly while the store is untouched.
     """
     entries = []
     for path in sorted(root.rglob("*")):

@@ -88,7 +88,7 @@ def plan_collection(
     """Identify model and prompts, check the settings, and choose the store's folder.
 
     Not cached: its output is what the other stages' cache keys are made of, so it must look at the
-    model and the prompts every time (both cheap: a config, 1 MiB of weights, one pass over the file).
+    model and the prompts every time (cheap: a config, 1 MiB of weights, one pass over the file).
     """
     import dmtp
     from dmtp.config import STORE_DIRNAME

@@ -1,4 +1,5 @@
-"""Evaluation task: `dmtp evaluate` with the trained head as drafter; results join its MLflow run."""
+"""Evaluation task: `dmtp evaluate` with the trained head as drafter; results join its MLflow
+run."""
 
 from __future__ import annotations
 

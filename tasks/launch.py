@@ -255,7 +255,8 @@ def run_stage(
                     )
                 if stall_timeout_s is not None and now - last_active > stall_timeout_s:
                     raise StageTimedOut(
-                        f"{name}: no output and no progress for {stall_timeout_s:.0f} s; killed as hung",
+                        f"{name}: no output and no progress for {stall_timeout_s:.0f} s; "
+                        "killed as hung",
                         returncode=None,
                         log_path=log_path,
                         tail=list(pump.tail),

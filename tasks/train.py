@@ -56,7 +56,8 @@ def train_config(settings: dict[str, Any], **fields: Any) -> Any:
     unknown = sorted(set(settings) - data_fields - train_fields)
     if unknown:
         raise DmtpError(
-            f"unknown training setting(s) {unknown}: use fields of dmtp.config.TrainConfig or DataConfig "
+            f"unknown training setting(s) {unknown}: use fields of dmtp.config.TrainConfig or "
+            "DataConfig "
             "(`dmtp train --help` lists them)"
         )
     data = DataConfig(**{k: v for k, v in settings.items() if k in data_fields})

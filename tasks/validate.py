@@ -1,4 +1,5 @@
-"""Validation task: `dmtp validate` on the collected store; a failure stops the flow before training.
+"""Validation task: `dmtp validate` on the collected store; a failure stops the flow before
+training.
 
 Cached while the store is untouched: the key includes a digest of every file's path, size and
 mtime, so any write to the store (a resumed shard, a repaired chunk, a flipped byte written by
