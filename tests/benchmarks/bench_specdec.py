@@ -13,12 +13,15 @@ output is checked equal to greedy's. Drafters, all in the same run:
   training has to beat;
 - prompt lookup (n-gram), the training-free baseline.
 Prints τ, per-position acceptance, tokens/s, speedup and where the time goes, with the machine.
+τ and acceptance do not depend on the machine; tokens/s and speedup do, and only mean something
+on cores nobody else is using (check the load average printed first).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -123,7 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--warmup_tokens", type=int, default=16)
     parser.add_argument("--output", default=None, help="also write the results as JSON")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; 1 on a shared machine: with busy cores, multi-threaded matmuls of "
+        "several tokens stall at barriers and make verification look many times slower than it is",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="dmtp-bench-") as tmp:
         if args.debug_model:
@@ -139,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             warmup_tokens=args.warmup_tokens,
         )
-        print(f"machine: {machine()}", flush=True)
+        print(f"machine: {machine()}, load average {os.getloadavg()[0]:.1f}", flush=True)
         base = load_base_model(config.base_model_path, config.device, config.dtype)
         print(
             f"base model: {base.identity['name_or_path']} ({base.device}, {base.hidden_dtype})",
