@@ -491,6 +491,8 @@ def plot_evaluation(result: dict[str, Any], path: str | Path) -> Path:
         rates = result["drafters"][name]["overall"]["acceptance_by_position"]
         positions = [i + 1 for i, rate in enumerate(rates) if rate is not None]
         left.plot(positions, [r for r in rates if r is not None], marker="o", label=name)
+    longest = max(len(result["drafters"][n]["overall"]["acceptance_by_position"]) for n in names)
+    left.set_xticks(range(1, longest + 1))
     left.set(xlabel="block position (0 = bonus token)", ylabel="acceptance rate", ylim=(0, 1.02))
     left.set_title("drafts accepted, by position")
     left.legend()
