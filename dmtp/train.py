@@ -165,10 +165,13 @@ def validate_before_training(config: TrainConfig, plan: TrainPlan) -> None:
     from dmtp.validate import validate_store
 
     report = validate_store(plan.store_path, sample=config.validate_sample, seed=config.seed)
-    if not report.ok:
-        first = report.errors[0]
+    errors = report.errors
+    if config.data.allow_incomplete:  # the user asked to train on committed rows only
+        errors = [e for e in errors if e.check != "incomplete"]
+    if errors:
+        first = errors[0]
         raise StoreError(
-            f"{plan.store_path} fails validation ({len(report.errors)} errors, first: {first}); "
+            f"{plan.store_path} fails validation ({len(errors)} errors, first: {first}); "
             f"run `dmtp validate --data_dir {plan.store_path}` for the full report and re-collect the damaged shards"
         )
 

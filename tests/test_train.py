@@ -414,3 +414,28 @@ def test_the_original_guides_command_lines_parse():
     assert (config.vocab_size, config.hidden_size, config.mask_token_id) == (151936, 3584, 151935)
     assert config.data.max_samples == 100 and config.data.train_ratio == 0.9
     assert config.time_epsilon == 0.01 and config.deepspeed.endswith("zero2.json")
+
+
+def test_allow_incomplete_trains_on_the_committed_rows_of_an_interrupted_store(tmp_path):
+    """--allow_incomplete must get past the trainer's own validation, which flags `complete`."""
+    import zarr
+
+    from dmtp.config import DataConfig, TrainConfig
+    from dmtp.errors import DmtpError
+    from dmtp.synthetic import write_synthetic_store
+    from dmtp.train import plan_training, validate_before_training
+
+    store = write_synthetic_store(
+        tmp_path / "s", sequence_lengths=[40] * 6, hidden_size=16, vocab_size=64
+    )
+    zarr.open_group(store.path / "shards" / "0", mode="a").attrs.update({"complete": False})
+    strict = TrainConfig(
+        train_data_dir=str(store.path),
+        output_dir=str(tmp_path / "o"),
+        report_to="none",
+        data=DataConfig(allow_incomplete=True),
+    )
+    validate_before_training(strict, plan_training(strict))  # no error: only `complete` is unset
+    strict.data.allow_incomplete = False
+    with pytest.raises(DmtpError):
+        validate_before_training(strict, plan_training(strict))
