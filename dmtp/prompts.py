@@ -144,18 +144,12 @@ class PromptFileInfo:
 def scan_prompts(path: str | Path) -> PromptFileInfo:
     """Check every record before any model time is spent; return count and content hash."""
     path = Path(path)
-    count, kinds = 0, set()
-    for prompt in iter_prompts(path):
-        count += 1
-        kinds.add(prompt.generates)
+    count = sum(1 for _ in iter_prompts(path))
     if count == 0:
         raise InputDataError(f"{path}: no prompts in the file")
-    if len(kinds) > 1:
-        raise InputDataError(
-            f"{path}: mixes chat prompts and plain documents; use one kind per file"
-        )
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return PromptFileInfo(str(path), digest.hexdigest(), count, kinds.pop())
+    # The format is chosen per file, so all of a file's records are of one kind.
+    return PromptFileInfo(str(path), digest.hexdigest(), count, is_jsonl(path))

@@ -72,7 +72,7 @@ def test_malformed_records_name_the_line(tmp_path, content, message):
         list(iter_prompts(path))
 
 
-def test_empty_and_mixed_files_are_refused(tmp_path):
+def test_a_file_without_prompts_is_refused(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(InputDataError, match="no prompts"):
