@@ -4,10 +4,11 @@
         --input_data_path prompts.jsonl --output_dir data/ --max_new_tokens 2048 --batch_size 16
 
 For every position l of every sequence we store the input token, the last-layer hidden state h_l
-(`hidden_states[-1]`, after the final norm) and the token the model outputs there, t_l. Chat
-prompts are answered by batched, left-padded generation; the states are captured by a forward hook
-on the decoder while `generate` runs (not by asking generate for every layer, not by a second pass).
-Plain-text documents are teacher-forced in one forward.
+(`hidden_states[-1]`, after the final norm), the states of a few more base layers for multi-layer
+heads (`--feature_layers`, DESIGN §3) and the token the model outputs there, t_l. Chat prompts are
+answered by batched, left-padded generation; the states are captured by forward hooks on the
+decoder and the chosen decoder layers while `generate` runs (not by asking generate for every
+layer, not by a second pass). Plain-text documents are teacher-forced in one forward.
 
 Resumable: rows are committed at batch boundaries, so after a kill `--resume` redoes at most the
 batches since the last flushed shard file, in the same batch composition, and skips finished shards.
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from dmtp import __version__
 from dmtp.cli import add_config_arguments, config_from_args
 from dmtp.config import CollectConfig
-from dmtp.errors import InputDataError, StoreError
+from dmtp.errors import DmtpError, InputDataError, StoreError
 from dmtp.models import BaseModel, load_base_model
 from dmtp.prompts import Prompt, PromptFileInfo, iter_prompts, scan_prompts
 from dmtp.store import (
@@ -136,10 +137,22 @@ def store_identity(
     }
 
 
+def num_hidden_layers(base: BaseModel) -> int:
+    """Decoder layers of the base model (of its text model, for a multimodal one)."""
+    return int(base.model.config.get_text_config().num_hidden_layers)
+
+
+def stored_feature_layers(config: CollectConfig, base: BaseModel) -> tuple[int, ...]:
+    """The layers that go into `layer_states`: the chosen ones less the final state."""
+    final = num_hidden_layers(base)
+    return tuple(i for i in config.resolve_feature_layers(final) if i != final)
+
+
 def prepare_store(config: CollectConfig, base: BaseModel, prompts: PromptFileInfo) -> Store:
     """Create the store, or reopen one made with the same settings; refuse anything else."""
     path = config.store_path
     identity = store_identity(config, base, prompts)
+    layers = stored_feature_layers(config, base)
     if config.overwrite:
         remove_store(path)
     elif (path / "zarr.json").exists():
@@ -149,6 +162,8 @@ def prepare_store(config: CollectConfig, base: BaseModel, prompts: PromptFileInf
             **identity,
             "num_shards": config.num_shards,
             "layout": asdict(config.layout),
+            "feature_layers": list(layers),
+            "num_hidden_layers": num_hidden_layers(base),
         }
         differences = describe_differences(existing.attrs, wanted)
         if differences:
@@ -173,6 +188,8 @@ def prepare_store(config: CollectConfig, base: BaseModel, prompts: PromptFileInf
         hidden_dtype=base.hidden_dtype,
         num_shards=config.num_shards,
         layout=config.layout,
+        feature_layers=layers,
+        num_hidden_layers=num_hidden_layers(base),
     )
 
 
@@ -201,14 +218,16 @@ def check_disk_space(
                 + config.batch_size * per_prompt
             ),
         )
-    estimate = rows * estimate_bytes_per_row(base.hidden_size, base.hidden_dtype)
+    n_layers = len(stored_feature_layers(config, base))
+    estimate = rows * estimate_bytes_per_row(base.hidden_size, base.hidden_dtype, n_layers)
     parent = config.store_path
     while not parent.exists():
         parent = parent.parent
     free = shutil.disk_usage(parent).free
+    layers = f"the final state + {n_layers} feature layers" if n_layers else "the final state"
     print(
-        f"dmtp collect: {n_prompts} prompts -> up to {rows:,} positions, estimated store size "
-        f"up to {estimate / 2**30:.2f} GiB ({free / 2**30:.1f} GiB free at {parent})",
+        f"dmtp collect: {n_prompts} prompts -> up to {rows:,} positions x {layers}, estimated "
+        f"store size up to {estimate / 2**30:.2f} GiB ({free / 2**30:.1f} GiB free at {parent})",
         file=sys.stderr,
     )
     if estimate > free:
@@ -223,25 +242,50 @@ def check_disk_space(
 # running the model
 
 
-class HiddenStateCapture:
-    """Forward hook on the decoder stack: keeps `last_hidden_state` of every forward while it runs.
+def decoder_layers(model: Any) -> Any:
+    """The ModuleList of decoder layers (`model.model.layers` for Llama, Qwen, Mistral, ...)."""
+    count = model.config.get_text_config().num_hidden_layers
+    layers = getattr(model.base_model, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) == count:
+        return layers
+    for _, module in model.base_model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise DmtpError(
+        f"cannot find the {count} decoder layers of {type(model).__name__} to capture feature "
+        "layers from; pass --feature_layers none to store the final state only"
+    )
 
-    That output is `hidden_states[-1]` (after the final norm) for every HF causal LM, and the hook
-    sees each generation step once: the prefill `[B, P, H]`, then `[B, 1, H]` per new token.
+
+class HiddenStateCapture:
+    """Forward hooks that keep, for every forward while they are installed, the final state and
+    the states of the chosen feature layers.
+
+    The decoder stack's `last_hidden_state` is `hidden_states[-1]` (after the final norm) for every
+    HF causal LM. Feature layer i (`output_hidden_states` numbering) is the output of decoder layer
+    i - 1; layer 0 is the input of decoder layer 0, which is what transformers records as
+    `hidden_states[0]` (the embeddings, after any scaling a model applies to them). The hooks see
+    each generation step once: the prefill `[B, P, H]`, then `[B, 1, H]` per new token.
     """
 
-    def __init__(self, model: Any, progress: tqdm | None = None):
+    def __init__(self, model: Any, progress: tqdm | None = None, layers: tuple[int, ...] = ()):
         self.decoder = model.base_model
+        self.layers = layers  # feature layers, without the final state
+        self.modules = decoder_layers(model) if layers else []
         self.states: list[torch.Tensor] = []
+        self.layer_states: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
         self.progress = progress
-        self.active: torch.Tensor | None = None  # sequences still generating, for the progress bar
 
     def __enter__(self) -> HiddenStateCapture:
-        self.handle = self.decoder.register_forward_hook(self._hook)
+        self.handles = [self.decoder.register_forward_hook(self._hook)]
+        for i in self.layers:
+            module = self.modules[max(i - 1, 0)]
+            self.handles.append(module.register_forward_hook(self._layer_hook(i), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
     def _hook(self, module: Any, args: Any, output: Any) -> None:
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
@@ -249,9 +293,25 @@ class HiddenStateCapture:
         if self.progress is not None:
             self.progress.update(hidden.shape[0] if hidden.shape[1] == 1 else 0)
 
+    def _layer_hook(self, layer: int) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            if layer == 0:
+                hidden = args[0] if args else kwargs["hidden_states"]
+            else:
+                hidden = output[0] if isinstance(output, tuple) else output
+            self.layer_states[layer].append(hidden.detach())
+
+        return hook
+
     def stacked(self) -> torch.Tensor:
-        """`[B, positions, H]` for all forwards so far."""
+        """`[B, positions, H]`: the final state of all forwards so far."""
         return torch.cat(self.states, dim=1)
+
+    def stacked_layers(self) -> torch.Tensor | None:
+        """`[B, positions, n, H]`: the feature layers' states (None without feature layers)."""
+        if not self.layers:
+            return None
+        return torch.stack([torch.cat(self.layer_states[i], dim=1) for i in self.layers], dim=2)
 
 
 def lm_head_argmax(model: Any, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -286,9 +346,16 @@ def pad_left(
 
 @torch.no_grad()
 def generate_batch(
-    base: BaseModel, config: CollectConfig, prompts: list[Prompt], progress: tqdm | None
+    base: BaseModel,
+    config: CollectConfig,
+    prompts: list[Prompt],
+    progress: tqdm | None,
+    layers: tuple[int, ...] = (),
 ) -> list[SequenceRows]:
-    """Generate for a batch of chat prompts; return each sequence's rows (prompt + response)."""
+    """Generate for a batch of chat prompts; return each sequence's rows (prompt + response).
+
+    layers: feature layers to capture besides the final state (`output_hidden_states` numbers).
+    """
     from transformers import GenerationConfig
 
     model, tokenizer = base.model, base.tokenizer
@@ -310,13 +377,14 @@ def generate_batch(
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with HiddenStateCapture(model, progress) as capture:
+    with HiddenStateCapture(model, progress, layers) as capture:
         if progress is not None:
             progress.update(int(attention_mask.sum()))
         sequences = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=generation
         )
     states = capture.stacked()  # [B, width + new - 1, H]: the last new token is never fed
+    layer_states = capture.stacked_layers()  # [B, width + new - 1, n, H] or None
     if states.shape[1] != sequences.shape[1] - 1:
         raise RuntimeError(f"captured {states.shape[1]} positions for {sequences.shape[1]} tokens")
 
@@ -336,13 +404,14 @@ def generate_batch(
         tokens[prompt_len - 1 :] = sequences[b, width : width + n_new]
         is_generated = np.zeros(len(fed), dtype=bool)
         is_generated[prompt_len - 1 :] = True
-        rows.append(_rows(hidden, tokens, fed, prompts[b].index, is_generated))
+        layer_rows = None if layer_states is None else layer_states[b, start:stop]
+        rows.append(_rows(hidden, tokens, fed, prompts[b].index, is_generated, layer_rows))
     return rows
 
 
 @torch.no_grad()
 def teacher_force_batch(
-    base: BaseModel, prompts: list[Prompt], progress: tqdm | None
+    base: BaseModel, prompts: list[Prompt], progress: tqdm | None, layers: tuple[int, ...] = ()
 ) -> list[SequenceRows]:
     """One forward over a batch of documents; outputs are the model's argmax at every position."""
     model, tokenizer = base.model, base.tokenizer
@@ -350,7 +419,7 @@ def teacher_force_batch(
     input_ids, attention_mask = pad_left(encoded, tokenizer.pad_token_id, base.device)
     # Left padding shifts positions unless they are given explicitly (generate does the same).
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with HiddenStateCapture(model) as capture:
+    with HiddenStateCapture(model, layers=layers) as capture:
         model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -358,6 +427,7 @@ def teacher_force_batch(
             logits_to_keep=1,
         )
     states = capture.stacked()
+    layer_states = capture.stacked_layers()
     if progress is not None:
         progress.update(int(attention_mask.sum()))
     rows = []
@@ -372,6 +442,7 @@ def teacher_force_batch(
                 input_ids[b, width - len(ids) :],
                 prompts[b].index,
                 np.zeros(len(ids), bool),
+                None if layer_states is None else layer_states[b, width - len(ids) :],
             )
         )
     return rows
@@ -383,6 +454,7 @@ def _rows(
     input_ids: torch.Tensor,
     sample_id: int,
     is_generated: np.ndarray,
+    layer_states: torch.Tensor | None = None,
 ) -> SequenceRows:
     n = len(input_ids)
     return SequenceRows(
@@ -391,6 +463,7 @@ def _rows(
         input_ids=input_ids.to("cpu", torch.int32).numpy(),
         sample_ids=np.full(n, sample_id, dtype=np.int64),
         is_generated=is_generated,
+        layer_states=None if layer_states is None else encode_hidden_states(layer_states),
     )
 
 
@@ -452,9 +525,9 @@ def collect_shard(
             if sample_limit is not None and samples >= sample_limit:
                 break
             if generates:
-                sequences = generate_batch(base, config, batch, progress)
+                sequences = generate_batch(base, config, batch, progress, store.stored_layers)
             else:
-                sequences = teacher_force_batch(base, batch, progress)
+                sequences = teacher_force_batch(base, batch, progress, store.stored_layers)
             for rows in sequences:
                 writer.append(rows)
             writer.mark_resume_point()

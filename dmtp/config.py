@@ -37,6 +37,23 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def default_feature_layers(num_hidden_layers: int) -> tuple[int, ...]:
+    """The three base layers a multi-layer head conditions on by default, as DFlash picks them.
+
+    DFlash's `build_target_layer_ids(num_target_layers, 3)` spreads three decoder layers from the
+    second to the fourth-last (start 1, end num_target_layers - 3, `round(start + i * span / 2)`),
+    skipping the first layers (close to the embeddings) and the last ones (already shaped for the
+    next token). dmtp numbers layers as `output_hidden_states` does (0 = embeddings, i = output of
+    decoder layer i - 1), so each DFlash id is shifted by one: for 30 layers, (2, 15, 28).
+    Models under 6 layers give fewer than three distinct layers (clamped to [1, num_hidden_layers]).
+    """
+    start, end = 1, num_hidden_layers - 3
+    span = end - start
+    # Python's round (half to even), as DFlash's own code uses, so the ids match it exactly.
+    dflash_ids = [int(round(start + i * span / 2)) for i in range(3)]
+    return tuple(sorted({min(max(i + 1, 1), num_hidden_layers) for i in dflash_ids}))
+
+
 @dataclass
 class StoreLayout:
     """How the Zarr store is chunked and encoded (DESIGN §3)."""
@@ -93,6 +110,13 @@ class CollectConfig:
         "model dtype: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32",
         choices=["auto", "bfloat16", "float16", "float32"],
     )
+    feature_layers: str = option(
+        "auto",
+        "base layers stored beside the final state for multi-layer heads (DFlash, EAGLE-3), "
+        "numbered as output_hidden_states (0 = embeddings, i = output of decoder layer i-1): "
+        "auto (three layers spread as DFlash picks them, e.g. 2,15,28 of 30), none, or a comma "
+        "list like 2,15,28. Each adds hidden_size values per token to the store",
+    )
     temperature: float = option(0.0, "sampling temperature; 0 = greedy decoding")
     seed: int = option(0, "seed for sampling (temperature > 0)")
     num_shards: int = option(1, "split the prompts into this many shards, one writer each")
@@ -116,6 +140,35 @@ class CollectConfig:
             f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
         )
         check(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other: pick one")
+        self.feature_layers = str(self.feature_layers).strip().replace(" ", "")
+        check(
+            self.feature_layers in ("auto", "none")
+            or _parse_layer_list(self.feature_layers) is not None,
+            f"feature_layers must be auto, none or a comma list of layer indices like 2,15,28; "
+            f"got {self.feature_layers!r}",
+        )
+
+    def resolve_feature_layers(self, num_hidden_layers: int) -> tuple[int, ...]:
+        """The layers to capture for a base model with `num_hidden_layers` decoder layers.
+
+        Sorted, unique, in `output_hidden_states` numbering; may include `num_hidden_layers` itself
+        (the final state), which the store already holds as `hidden_states`.
+        """
+        if self.feature_layers == "none":
+            return ()
+        if self.feature_layers == "auto":
+            return default_feature_layers(num_hidden_layers)
+        layers = _parse_layer_list(self.feature_layers) or []
+        for layer in layers:
+            check(
+                0 <= layer <= num_hidden_layers,
+                f"feature_layers: layer {layer} is out of range for a base model with "
+                f"{num_hidden_layers} layers (use 0 = embeddings .. {num_hidden_layers} = final state)",
+            )
+        duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
+        check(not duplicates, f"feature_layers: layer(s) {duplicates} listed more than once")
+        return tuple(sorted(layers))
+
 
     @property
     def store_path(self) -> Path:
@@ -129,6 +182,15 @@ class CollectConfig:
         if not self.input_data_path:
             return DEMO_PROMPTS
         return resolve_prompt_source(self.input_data_path)
+
+
+def _parse_layer_list(text: str) -> list[int] | None:
+    """'2,15,28' -> [2, 15, 28]; None when it is not a comma list of integers."""
+    try:
+        layers = [int(part) for part in text.split(",")]
+    except ValueError:
+        return None
+    return layers or None
 
 
 def resolve_store_path(data_dir: str | Path) -> Path:

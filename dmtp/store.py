@@ -10,7 +10,14 @@
                                            prompt position, whose output is the first response
                                            token, counts: the first speculative round drafts there)
         sequence_offsets [S_k + 1] int64   row where each sequence starts (CSR)
+        layer_states     [T_k, n, H]       optional: the states of n more base layers (root attrs
+                                           `feature_layers`, `num_hidden_layers`), encoded as
+                                           hidden_states; absent when no feature layer is stored
         attrs: n_committed, n_sequences, complete, counts
+
+Feature layers are numbered as transformers' `output_hidden_states` (0 = embeddings, i = output of
+decoder layer i - 1). Layer `num_hidden_layers` is the final state after the norm: it is
+`hidden_states`, never stored twice. `Shard.read_features` reads any mix of them as float32.
 
 Durability rules, because zarr itself gives none of these:
 - Concurrent appends to one array silently lose rows, so each shard group has exactly one writer.
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,10 @@ ARRAY_NAMES = (
     "sequence_offsets",
 )
 ROW_ARRAYS = ("hidden_states", "tokens", "input_ids", "sample_ids", "is_generated")
+# Optional row array (only in stores with feature layers): not in ARRAY_NAMES / ROW_ARRAYS, which
+# every store has. Chunked, sharded and encoded like hidden_states.
+LAYER_STATES = "layer_states"
+FINAL_LAYER = -1  # read_features' name for the final state in any store (hidden_states[-1])
 ROW_DTYPES = {
     "tokens": "int32",
     "input_ids": "int32",
@@ -63,7 +74,7 @@ OFFSETS_CHUNK = 4096
 
 
 def encode_hidden_states(hidden_states: Any) -> np.ndarray:
-    """A torch tensor `[T, H]` (any float dtype) -> the numpy array the store holds."""
+    """A torch tensor `[T, H]` or `[T, n, H]` (any float dtype) -> the numpy array the store holds."""
     import torch
 
     hidden_states = hidden_states.detach().to("cpu")
@@ -109,6 +120,7 @@ class SequenceRows:
     input_ids: np.ndarray  # [T] int32
     sample_ids: np.ndarray  # [T] int64
     is_generated: np.ndarray  # [T] bool: tokens[l] is part of the generated response
+    layer_states: np.ndarray | None = None  # [T, n, H] storage dtype; None: no feature layers
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -117,10 +129,19 @@ class SequenceRows:
 class Shard:
     """One shard group. Only rows below `n_committed` are data; beyond may be junk from a crash."""
 
-    def __init__(self, group: zarr.Group, index: int, hidden_dtype: str):
+    def __init__(
+        self,
+        group: zarr.Group,
+        index: int,
+        hidden_dtype: str,
+        stored_layers: Sequence[int] = (),
+        num_hidden_layers: int | None = None,
+    ):
         self.group = group
         self.index = index
         self.hidden_dtype = hidden_dtype
+        self.stored_layers = tuple(int(i) for i in stored_layers)  # the layers in layer_states
+        self.num_hidden_layers = num_hidden_layers  # None: a store from before feature layers
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -148,7 +169,47 @@ class Shard:
     def read_rows(self, start: int, stop: int) -> SequenceRows:
         stop = min(stop, self.n_committed)
         start = min(start, stop)
-        return SequenceRows(**{name: self.array(name)[start:stop] for name in ROW_ARRAYS})
+        rows = SequenceRows(**{name: self.array(name)[start:stop] for name in ROW_ARRAYS})
+        if self.stored_layers:
+            rows.layer_states = self.array(LAYER_STATES)[start:stop]
+        return rows
+
+    def read_features(self, start: int, stop: int, layers: Sequence[int]) -> np.ndarray:
+        """Rows `[start, stop)` of the given layers' states as float32 `[stop - start, len(layers), H]`.
+
+        layers: `output_hidden_states` numbers; `num_hidden_layers` (or -1, in any store) is the
+        final state (`hidden_states`), the others must be among the stored feature layers.
+        """
+        if not 0 <= start <= stop <= self.n_committed:
+            raise StoreError(
+                f"shard {self.index}: rows [{start}, {stop}) are outside the committed rows "
+                f"[0, {self.n_committed})"
+            )
+        final = {FINAL_LAYER, self.num_hidden_layers}
+        for layer in layers:
+            if layer not in final and layer not in self.stored_layers:
+                readable = [*self.stored_layers, self.num_hidden_layers or FINAL_LAYER]
+                raise StoreError(
+                    f"shard {self.index}: feature layer {layer} is not stored; this store holds "
+                    f"layers {readable} (collect again with --feature_layers to add it)"
+                )
+        hidden_size = int(self.array("hidden_states").shape[1])
+        out = np.empty((stop - start, len(layers), hidden_size), dtype=np.float32)
+        if any(layer in final for layer in layers):
+            hidden = hidden_states_as_float32(
+                self.array("hidden_states")[start:stop], self.hidden_dtype
+            )
+        if any(layer not in final for layer in layers):
+            # One read of the slab: a chunk holds all n layers of its rows, so selecting some
+            # layers inside zarr would decode the same bytes.
+            stored = self.array(LAYER_STATES)[start:stop]
+        for j, layer in enumerate(layers):
+            if layer in final:
+                out[:, j] = hidden
+            else:
+                column = stored[:, self.stored_layers.index(layer)]
+                out[:, j] = hidden_states_as_float32(column, self.hidden_dtype)
+        return out
 
 
 class Store:
@@ -179,6 +240,25 @@ class Store:
     def layout(self) -> StoreLayout:
         return StoreLayout(**self.attrs["layout"])
 
+    @property
+    def num_hidden_layers(self) -> int | None:
+        """The base model's decoder layers (None in a store from before feature layers)."""
+        value = self.attrs.get("num_hidden_layers")
+        return None if value is None else int(value)
+
+    @property
+    def stored_layers(self) -> tuple[int, ...]:
+        """The layers held in each shard's `layer_states` (the final state never is)."""
+        return tuple(int(i) for i in self.attrs.get("feature_layers", []))
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """Every layer `Shard.read_features` can read: the stored ones plus the final state.
+
+        The final state is `num_hidden_layers`, or -1 in a store that does not record it.
+        """
+        return (*self.stored_layers, self.num_hidden_layers or FINAL_LAYER)
+
     def has_shard(self, index: int) -> bool:
         return (self.path / "shards" / str(index) / "zarr.json").exists()
 
@@ -190,7 +270,11 @@ class Store:
                 f"{self.path}: shard {index} was never started (run collection for it)"
             )
         return Shard(
-            zarr.open_group(self.path / "shards" / str(index), mode="r"), index, self.hidden_dtype
+            zarr.open_group(self.path / "shards" / str(index), mode="r"),
+            index,
+            self.hidden_dtype,
+            self.stored_layers,
+            self.num_hidden_layers,
         )
 
     def shards(self) -> Iterator[Shard]:
@@ -255,17 +339,39 @@ def create_store(
     hidden_dtype: str,
     num_shards: int,
     layout: StoreLayout,
+    feature_layers: Sequence[int] = (),
+    num_hidden_layers: int | None = None,
 ) -> Store:
     """Create the root group, or open it if an identical one exists (shard writers may race here).
 
     The root attrs are a pure function of the configuration, so two processes creating the same
     store write the same bytes. Anything run-specific goes into shard attrs.
+
+    feature_layers: layers stored in `layer_states` besides the final state, ascending, each in
+    `[0, num_hidden_layers)` (the final state `num_hidden_layers` is `hidden_states` already).
+    num_hidden_layers: the base model's; recorded when given, required with feature_layers.
     """
     path = Path(path)
     if hidden_dtype not in STORAGE_DTYPES:
         raise StoreError(
             f"hidden dtype {hidden_dtype!r} is not storable; use one of {sorted(STORAGE_DTYPES)}"
         )
+    feature_layers = [int(i) for i in feature_layers]
+    if feature_layers and (
+        num_hidden_layers is None
+        or feature_layers != sorted(set(feature_layers))
+        or not 0 <= feature_layers[0] <= feature_layers[-1] < num_hidden_layers
+    ):
+        raise StoreError(
+            f"feature layers {feature_layers} must be ascending, unique and in "
+            f"[0, num_hidden_layers={num_hidden_layers}) (the final state is stored as hidden_states)"
+        )
+    layer_attrs: dict[str, Any] = {}
+    if num_hidden_layers is not None:
+        layer_attrs = {
+            "feature_layers": feature_layers,
+            "num_hidden_layers": int(num_hidden_layers),
+        }
     root_attrs = {
         **attrs,
         "schema": SCHEMA,
@@ -275,6 +381,7 @@ def create_store(
         "hidden_storage_dtype": STORAGE_DTYPES[hidden_dtype],
         "num_shards": int(num_shards),
         "layout": asdict(layout),
+        **layer_attrs,
     }
     root_attrs = json.loads(json.dumps(root_attrs))  # what zarr will hand back: lists, not tuples
     if (path / "zarr.json").exists():
@@ -328,13 +435,21 @@ class ShardWriter:
                 f"{self.path}: shard {index} already exists; pass --resume to continue it or --overwrite"
             )
         self.group = zarr.open_group(self.path, mode="a")
+        self.stored_layers = store.stored_layers
+        self.row_names = ROW_ARRAYS + ((LAYER_STATES,) if self.stored_layers else ())
         if "hidden_states" not in self.group:
             self._create_arrays()
+        if self.stored_layers and LAYER_STATES not in self.group:
+            raise StoreError(
+                f"{self.path}: the store records feature layers {list(self.stored_layers)} but "
+                f"this shard has no {LAYER_STATES} array; use --overwrite to collect it again"
+            )
         # zarr skips chunks equal to the fill value by default, which makes a lost chunk
         # indistinguishable from, say, an all-prompt is_generated chunk; write them all so
         # `dmtp validate` can treat every missing chunk as damage.
         self.arrays = {
-            name: self.group[name].with_config({"write_empty_chunks": True}) for name in ARRAY_NAMES
+            name: self.group[name].with_config({"write_empty_chunks": True})
+            for name in (*ARRAY_NAMES, *self.row_names[len(ROW_ARRAYS) :])
         }
         # Committed state: what a reader may trust, and where a resumed writer restarts.
         self.committed_rows = int(self.group.attrs.get("n_committed", 0))
@@ -348,13 +463,13 @@ class ShardWriter:
         self.written_rows = (
             self.committed_rows // self.layout.rows_per_file
         ) * self.layout.rows_per_file
-        tail = Shard(self.group, index, store.hidden_dtype).read_rows(
+        tail = Shard(self.group, index, store.hidden_dtype, self.stored_layers).read_rows(
             self.written_rows, self.committed_rows
         )
         self.buffer: list[SequenceRows] = [tail] if len(tail) else []
         self.buffered_rows = len(tail)
         self.resume_points: list[tuple[int, int]] = []
-        for name in ROW_ARRAYS:  # drop junk a crash may have left past the committed rows
+        for name in self.row_names:  # drop junk a crash may have left past the committed rows
             if self.arrays[name].shape[0] != self.committed_rows:
                 self.arrays[name].resize((self.committed_rows, *self.arrays[name].shape[1:]))
         if self.group.attrs.get("complete"):
@@ -375,16 +490,20 @@ class ShardWriter:
     def _create_arrays(self) -> None:
         layout, hidden_size = self.layout, self.store.hidden_size
         storage = STORAGE_DTYPES[self.store.hidden_dtype]
-        self.group.create_array(
-            "hidden_states",
-            shape=(0, hidden_size),
-            dtype=storage,
-            chunks=(layout.chunk_rows, hidden_size),
-            shards=(layout.rows_per_file, hidden_size),
-            serializer=BytesCodec(),
-            compressors=_hidden_codecs(layout),
-            fill_value=0,
-        )
+        states = {"hidden_states": (hidden_size,)}
+        if self.stored_layers:
+            states[LAYER_STATES] = (len(self.stored_layers), hidden_size)
+        for name, inner in states.items():
+            self.group.create_array(
+                name,
+                shape=(0, *inner),
+                dtype=storage,
+                chunks=(layout.chunk_rows, *inner),
+                shards=(layout.rows_per_file, *inner),
+                serializer=BytesCodec(),
+                compressors=_hidden_codecs(layout),
+                fill_value=0,
+            )
         for name, dtype in ROW_DTYPES.items():
             self.group.create_array(
                 name,
@@ -413,6 +532,16 @@ class ShardWriter:
             raise StoreError(
                 f"{self.path}: hidden_states shape {rows.hidden_states.shape} != ({n}, {self.store.hidden_size})"
             )
+        expected = (n, len(self.stored_layers), self.store.hidden_size)
+        if self.stored_layers and (
+            rows.layer_states is None or rows.layer_states.shape != expected
+        ):
+            got = None if rows.layer_states is None else rows.layer_states.shape
+            raise StoreError(f"{self.path}: layer_states shape {got} != {expected}")
+        if not self.stored_layers and rows.layer_states is not None:
+            raise StoreError(
+                f"{self.path}: layer_states given, but the store has no feature layers"
+            )
         self.buffer.append(rows)
         self.buffered_rows += n
         self.offsets.append(self.total_rows + n)
@@ -437,16 +566,17 @@ class ShardWriter:
                 else (self.buffered_rows // self.layout.rows_per_file) * self.layout.rows_per_file
             )
             merged = {
-                name: np.concatenate([getattr(r, name) for r in self.buffer]) for name in ROW_ARRAYS
+                name: np.concatenate([getattr(r, name) for r in self.buffer])
+                for name in self.row_names
             }
             start, stop = self.written_rows, self.written_rows + size
-            for name in ROW_ARRAYS:
+            for name in self.row_names:
                 array = self.arrays[name]
                 if array.shape[0] < stop:
                     array.resize((stop, *array.shape[1:]))
                 array[start:stop] = merged[name][:size]
             self.written_rows = stop
-            rest = SequenceRows(**{name: merged[name][size:] for name in ROW_ARRAYS})
+            rest = SequenceRows(**{name: merged[name][size:] for name in self.row_names})
             self.buffer = [rest] if len(rest) else []
             self.buffered_rows = len(rest)
         self._commit()
@@ -470,10 +600,13 @@ class ShardWriter:
         self.committed_rows, self.committed_sequences = rows, sequences
 
 
-def estimate_bytes_per_row(hidden_size: int, hidden_dtype: str) -> int:
-    """Uncompressed bytes one stored position takes (hidden state + token columns)."""
+def estimate_bytes_per_row(hidden_size: int, hidden_dtype: str, n_feature_layers: int = 0) -> int:
+    """Uncompressed bytes one stored position takes (final state, feature layers, token columns).
+
+    n_feature_layers: layers stored in layer_states (not counting the final state).
+    """
     itemsize = np.dtype(STORAGE_DTYPES[hidden_dtype]).itemsize
-    return hidden_size * itemsize + 4 + 4 + 8 + 1
+    return (1 + n_feature_layers) * hidden_size * itemsize + 4 + 4 + 8 + 1
 
 
 def directory_bytes(path: str | Path) -> int:

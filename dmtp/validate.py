@@ -6,10 +6,10 @@
 What it checks (DESIGN §3), each finding naming shard, array, chunk and rows:
 - metadata: schema, root attrs, every shard present and `complete`, every array's dtype and shape
   against the attrs (`hidden_size`, hidden storage dtype, `n_committed`, `n_sequences`,
-  `sequence_offsets`);
+  `sequence_offsets`, and `layer_states [T, n, H]` where the attrs name n `feature_layers`);
 - chunks: every chunk below `n_committed` is present (zarr would silently hand back fill values
   for a missing one), whole, and matches its crc32c; the shard index of each hidden-state file too;
-- values: token and input ids in `[0, vocab_size)`, finite hidden states, `input_ids[l + 1] ==
+- values: token and input ids in `[0, vocab_size)`, finite hidden and layer states, `input_ids[l + 1] ==
   tokens[l]` where `tokens[l]` is generated, one `sample_id` per sequence;
 - stray files: `*.partial` temporaries of an interrupted write (warnings).
 
@@ -35,7 +35,15 @@ from numcodecs import Zstd
 
 from dmtp.config import ValidateConfig, resolve_store_path
 from dmtp.errors import StoreError
-from dmtp.store import ARRAY_NAMES, ROW_ARRAYS, ROW_DTYPES, SCHEMA, STORAGE_DTYPES, count_samples
+from dmtp.store import (
+    ARRAY_NAMES,
+    LAYER_STATES,
+    ROW_ARRAYS,
+    ROW_DTYPES,
+    SCHEMA,
+    STORAGE_DTYPES,
+    count_samples,
+)
 
 MAX_FINDINGS_PER_KIND = (
     20  # per (shard, array, check): a store of junk should not make a 1 GB report
@@ -375,6 +383,26 @@ class Validator:
         self.hidden_size = int(attrs["hidden_size"])
         self.vocab_size = int(attrs["vocab_size"])
         self.hidden_dtype = str(attrs["hidden_dtype"])
+        layers = attrs.get("feature_layers", [])
+        final = attrs.get("num_hidden_layers")
+        if not isinstance(layers, list) or (
+            layers
+            and (
+                not isinstance(final, int)
+                or not all(isinstance(i, int) for i in layers)
+                or layers != sorted(set(layers))
+                or not 0 <= layers[0] <= layers[-1] < final
+            )
+        ):
+            self.error(
+                "metadata",
+                f"feature_layers {layers!r} must be ascending, unique layer indices in "
+                f"[0, num_hidden_layers={final!r})",
+            )
+            return None
+        self.n_layers = len(layers)
+        # the row arrays every shard of this store must have: layer_states only with feature layers
+        self.row_names = ROW_ARRAYS + ((LAYER_STATES,) if layers else ())
         self.report.hidden_size, self.report.vocab_size = self.hidden_size, self.vocab_size
         self.report.hidden_dtype = self.hidden_dtype
         self.root = attrs
@@ -415,17 +443,19 @@ class Validator:
                 shard=k,
             )
         arrays: dict[str, ArrayFiles] = {}
-        for name in ARRAY_NAMES:
+        names = (*ARRAY_NAMES, *self.row_names[len(ROW_ARRAYS) :])
+        for name in names:
             try:
                 arrays[name] = ArrayFiles(directory / name)
             except FileNotFoundError:
                 self.error("missing_array", "array is missing", shard=k, array=name)
             except (ChunkError, KeyError, ValueError) as error:
                 self.error("metadata", f"unreadable array metadata: {error}", shard=k, array=name)
-        if len(arrays) != len(ARRAY_NAMES):
+        if len(arrays) != len(names):
             return None
         expected = {name: np.dtype(dtype) for name, dtype in ROW_DTYPES.items()}
         expected["hidden_states"] = np.dtype(STORAGE_DTYPES[self.hidden_dtype])
+        expected[LAYER_STATES] = expected["hidden_states"]
         expected["sequence_offsets"] = np.dtype("int64")
         ok = True
         for name, files in arrays.items():
@@ -444,8 +474,19 @@ class Validator:
                 array="hidden_states",
             )
             ok = False
+        layer_states = arrays.get(LAYER_STATES)
+        wanted = [self.n_layers, self.hidden_size]
+        if layer_states is not None and layer_states.shape[1:] != wanted:
+            self.error(
+                "shape",
+                f"shape {layer_states.shape} does not match [rows, {self.n_layers} feature_layers, "
+                f"hidden_size {self.hidden_size}] in the store attrs",
+                shard=k,
+                array=LAYER_STATES,
+            )
+            ok = False
         rows_per_file = hidden.rows_per_file
-        for name in ROW_ARRAYS:
+        for name in self.row_names:
             files = arrays[name]
             if files.shape[0] < n:
                 self.error(
@@ -546,7 +587,7 @@ class Validator:
 
     def _check_listing(self, k: int, arrays: dict[str, ArrayFiles], n: int, n_blocks: int) -> None:
         """Every file below n_committed exists; hidden files' indexes list every chunk."""
-        for name in ROW_ARRAYS:
+        for name in self.row_names:
             files = arrays[name]
             for b in range(n_blocks):
                 if not files.path(b).exists():
@@ -592,7 +633,7 @@ class Validator:
             plan["arrays"][name].path(b).stat().st_size
             if plan["arrays"][name].path(b).exists()
             else 0
-            for name in ROW_ARRAYS
+            for name in self.row_names
         )
 
     def _check_block(self, plan: dict[str, Any], b: int) -> int:
@@ -601,7 +642,11 @@ class Validator:
         hidden = arrays["hidden_states"]
         start = b * hidden.rows_per_file
         stop = min(start + hidden.rows_per_file, n)
-        checked = self._check_hidden_file(k, hidden, b, start, stop)
+        checked = self._check_hidden_file(k, "hidden_states", hidden, b, start, stop)
+        if LAYER_STATES in arrays:
+            checked += self._check_hidden_file(
+                k, LAYER_STATES, arrays[LAYER_STATES], b, start, stop
+            )
         columns: dict[str, np.ndarray] = {}
         for name in ("tokens", "input_ids", "sample_ids", "is_generated"):
             files = arrays[name]
@@ -623,7 +668,10 @@ class Validator:
         self._check_values(k, columns, offsets, start, stop, plan["summary"])
         return checked
 
-    def _check_hidden_file(self, k: int, files: ArrayFiles, b: int, start: int, stop: int) -> int:
+    def _check_hidden_file(
+        self, k: int, name: str, files: ArrayFiles, b: int, start: int, stop: int
+    ) -> int:
+        """Check one sharded file of states (hidden_states or layer_states): index, chunks, values."""
         data = files.read_file(b)
         if data is None:
             return 0  # reported by the listing
@@ -633,20 +681,13 @@ class Validator:
             in_bounds = min(files.shape[0] - start, files.rows_per_file)
             index = files.shard_index(data, -(-in_bounds // files.rows_per_chunk))
         except ChunkError as error:
-            self.error(
-                error.check,
-                str(error),
-                shard=k,
-                array="hidden_states",
-                chunk=key,
-                rows=[start, stop],
-            )
+            self.error(error.check, str(error), shard=k, array=name, chunk=key, rows=[start, stop])
             return len(data)
         c = files.rows_per_chunk
         view = memoryview(data)
         for i in range(-(-(stop - start) // c)):
             rows = [start + i * c, min(start + (i + 1) * c, stop)]
-            where = {"shard": k, "array": "hidden_states", "chunk": f"{key}#{i}", "rows": rows}
+            where = {"shard": k, "array": name, "chunk": f"{key}#{i}", "rows": rows}
             offset, nbytes = (int(x) for x in index[i])
             if offset == EMPTY:
                 self.error(
@@ -753,7 +794,8 @@ class Validator:
 
 
 def _finite_rows(values: np.ndarray, hidden_dtype: str) -> np.ndarray:
-    """values: [C, H] stored -> [C] bool, True where every entry is finite."""
+    """values: [C, H] or [C, n, H] stored -> [C] bool, True where every entry is finite."""
+    values = values.reshape(len(values), -1)
     if hidden_dtype == "bfloat16":  # exponent bits all ones = Inf or NaN
         return ~np.any((values & 0x7F80) == 0x7F80, axis=1)
     return np.isfinite(values).all(axis=1)

@@ -17,8 +17,10 @@ from transformers import AutoModelForCausalLM
 
 from dmtp.cli import main
 from dmtp.collect import collect
-from dmtp.config import CollectConfig, StoreLayout
-from dmtp.store import ROW_ARRAYS, decode_hidden_states, open_store
+from dmtp.config import CollectConfig, StoreLayout, default_feature_layers
+from dmtp.errors import StoreError
+from dmtp.store import LAYER_STATES, ROW_ARRAYS, decode_hidden_states, open_store
+from dmtp.validate import validate_store
 
 PROMPTS = [
     "Write a story about a lighthouse keeper.",
@@ -50,6 +52,7 @@ def config(model: Path, prompts: Path, out: Path, **overrides) -> CollectConfig:
         max_new_tokens=12,
         batch_size=4,
         device="cpu",
+        dtype="float32",  # compared with a float32 forward below (auto is bf16 on some CPUs)
         layout=StoreLayout(chunk_rows=16, rows_per_file=64),
     )
     return CollectConfig(**{**values, **overrides})
@@ -130,7 +133,7 @@ def test_plain_text_documents_are_teacher_forced(debug_model_dir, tmp_path):
     assert store.attrs["collection"]["mode"] == "teacher_forced"
     model = AutoModelForCausalLM.from_pretrained(debug_model_dir, dtype=torch.float32).eval()
     all_rows = list(sequences(tmp_path / "out"))
-    assert [int(r.sample_ids[0]) for r, _ in all_rows] == [0, 1]
+    assert sorted(int(r.sample_ids[0]) for r, _ in all_rows) == [0, 1]
     for rows, hidden in all_rows:
         assert not rows.is_generated.any()
         with torch.no_grad():
@@ -236,7 +239,8 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(debug_model_dir
     assert a.n_committed == b.n_committed and np.array_equal(
         a.sequence_offsets(), b.sequence_offsets()
     )
-    for name in ROW_ARRAYS:
+    assert open_store(reference).stored_layers == (1,)  # auto on the 2-layer model: (1, 2)
+    for name in (*ROW_ARRAYS, LAYER_STATES):
         assert np.array_equal(a.array(name)[:], b.array(name)[:]), name
 
 
@@ -249,6 +253,9 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(debug_model_dir
         "prompt_too_long",
         "unknown_model",
         "other_configuration",
+        "feature_layers_syntax",
+        "feature_layers_range",
+        "feature_layers_changed",
     ],
 )
 def test_bad_input_is_one_line_error_and_no_complete_store(case, debug_model_dir, tmp_path, capsys):
@@ -288,6 +295,16 @@ def test_bad_input_is_one_line_error_and_no_complete_store(case, debug_model_dir
         expected = f"{prompts}:2: prompt is"
     elif case == "unknown_model":
         args[1], expected = str(tmp_path / "no-such-model"), "base model not found"
+    elif case == "feature_layers_syntax":
+        args += ["--feature_layers", "1;2"]
+        expected = "feature_layers must be auto, none or a comma list of layer indices like 2,15,28; got '1;2'"
+    elif case == "feature_layers_range":
+        args += ["--feature_layers", "0,3"]
+        expected = "feature_layers: layer 3 is out of range for a base model with 2 layers"
+    elif case == "feature_layers_changed":
+        assert main(["collect", *args, "--feature_layers", "1"]) == 0
+        args += ["--feature_layers", "0"]
+        expected = "feature_layers: stored [1], requested [0]"
     else:
         assert main(["collect", *args]) == 0
         args[-3], expected = "5", "max_new_tokens: stored 4, requested 5"
@@ -299,5 +316,98 @@ def test_bad_input_is_one_line_error_and_no_complete_store(case, debug_model_dir
         assert (
             open_store(out).attrs["collection"]["max_new_tokens"] == 4
         )  # the old store is untouched
+    elif case == "feature_layers_changed":
+        assert open_store(out, require_complete=True).stored_layers == (1,)
     else:
         assert not (out / "collected_data_final").exists() or not open_store(out).complete
+
+
+# ----------------------------------------------------------------------------------------------
+# feature layers (DESIGN §3): more base layers stored beside the final state
+
+
+def test_default_feature_layers_are_dflash_layers_in_output_hidden_states_numbering():
+    assert default_feature_layers(30) == (2, 15, 28)  # SmolLM2-135M
+    assert default_feature_layers(28) == (2, 14, 26)  # Qwen2.5-7B: DFlash's [1, 13, 25] + 1
+    assert default_feature_layers(36) == (2, 18, 34)  # Qwen3-8B: DFlash's [1, 17, 33] + 1
+    assert default_feature_layers(2) == (1, 2)  # tiny models: clamped, never past the final state
+    assert CollectConfig().resolve_feature_layers(30) == (2, 15, 28)
+    assert CollectConfig(feature_layers="28, 2,15").resolve_feature_layers(30) == (2, 15, 28)
+
+
+DOCUMENTS = (
+    "The quick brown fox jumps over the lazy dog.\n\n"
+    "A diffusion head predicts a block of tokens.\n\nShort.\n"
+)
+
+
+@pytest.mark.parametrize("mode", ["generated", "teacher_forced"])
+def test_stored_feature_layers_equal_output_hidden_states(mode, debug_model_dir, tmp_path):
+    if mode == "generated":
+        inputs = write_prompts(tmp_path / "p.jsonl", PROMPTS[:6])
+    else:
+        inputs = tmp_path / "docs.txt"
+        inputs.write_text(DOCUMENTS)
+    collect(config(debug_model_dir, inputs, tmp_path / "out", feature_layers="0,2,1"))
+    store = open_store(tmp_path / "out", require_complete=True)
+    # layer 2 of this 2-layer model is the final state: stored once, as hidden_states
+    assert store.attrs["feature_layers"] == [0, 1] and store.attrs["num_hidden_layers"] == 2
+    assert store.feature_layers == (0, 1, 2)
+    model = AutoModelForCausalLM.from_pretrained(debug_model_dir, dtype=torch.float32).eval()
+    n_generated = 0
+    for shard in store.shards():
+        offsets = shard.sequence_offsets()
+        for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+            rows = shard.read_rows(start, stop)
+            assert rows.layer_states.shape == (stop - start, 2, store.hidden_size)
+            n_generated += int(rows.is_generated.sum())
+            with torch.no_grad():
+                out = model(
+                    torch.from_numpy(rows.input_ids.astype(np.int64))[None],
+                    output_hidden_states=True,
+                )
+            features = torch.from_numpy(shard.read_features(start, stop, [0, 1, 2]))
+            for j, layer in enumerate([0, 1, 2]):
+                torch.testing.assert_close(
+                    features[:, j], out.hidden_states[layer][0], atol=2e-4, rtol=1e-4
+                )
+    assert (n_generated > 0) == (mode == "generated")
+    assert validate_store(tmp_path / "out").ok
+
+
+def test_feature_layers_none_stores_only_the_final_state(debug_model_dir, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:3])
+    collect(config(debug_model_dir, prompts, tmp_path / "none", feature_layers="none"))
+    assert "x the final state, estimated" in capsys.readouterr().err
+    store = open_store(tmp_path / "none", require_complete=True)
+    shard = store.shard(0)
+    assert LAYER_STATES not in shard.group and shard.read_rows(0, 5).layer_states is None
+    assert store.attrs["feature_layers"] == [] and store.feature_layers == (2,)
+    assert shard.read_features(0, 5, [2]).shape == (5, 1, store.hidden_size)
+    with pytest.raises(
+        StoreError, match=r"feature layer 1 is not stored; this store holds layers \[2\]"
+    ):
+        shard.read_features(0, 5, [1])
+
+    collect(config(debug_model_dir, prompts, tmp_path / "auto"))
+    assert "x the final state + 1 feature layers" in capsys.readouterr().err
+    auto = open_store(tmp_path / "auto", require_complete=True)
+    assert auto.feature_layers == (1, 2)
+    # the final state is the same either way
+    np.testing.assert_array_equal(
+        auto.shard(0).read_features(0, 5, [2]), shard.read_features(0, 5, [2])
+    )
+
+
+def test_validate_finds_a_damaged_layer_states_chunk(debug_model_dir, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:4])
+    collect(config(debug_model_dir, prompts, tmp_path / "out", feature_layers="0,1"))
+    store = tmp_path / "out" / "collected_data_final"
+    path = store / "shards/0/layer_states/c/0/0/0"  # rows 0-63, inner chunk 0 = rows 0-15
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = validate_store(store)
+    assert [(f.check, f.array, f.chunk, f.rows) for f in report.errors] == [
+        ("checksum", "layer_states", "c/0/0/0#0", [0, 16])
+    ]

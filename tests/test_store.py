@@ -17,6 +17,7 @@ from dmtp.store import (
     create_store,
     decode_hidden_states,
     encode_hidden_states,
+    estimate_bytes_per_row,
     hidden_states_as_float32,
     open_store,
 )
@@ -148,3 +149,111 @@ def test_count_samples_matches_sliding_windows():
     assert count_samples([1000], 512, 256) == 3
     assert count_samples([512, 100, 0], 512, 256) == 2
     assert count_samples([1024], 512, 512) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# feature layers: layer_states [T, n, H] beside hidden_states
+
+
+def layered_store(path, feature_layers=(0, 2), num_hidden_layers=4):
+    return create_store(
+        path,
+        attrs={"run": "test"},
+        hidden_size=6,
+        vocab_size=50,
+        hidden_dtype="bfloat16",
+        num_shards=1,
+        layout=LAYOUT,
+        feature_layers=feature_layers,
+        num_hidden_layers=num_hidden_layers,
+    )
+
+
+def layered_sequence(n: int, sample_id: int, seed: int, n_layers: int = 2):
+    rows, hidden = sequence(n, sample_id, seed)
+    g = torch.Generator().manual_seed(1000 + seed)
+    layers = torch.randn(n, n_layers, 6, generator=g).to(torch.bfloat16)
+    rows.layer_states = encode_hidden_states(layers)
+    return rows, hidden, layers
+
+
+def test_feature_layers_are_read_beside_the_final_state(tmp_path):
+    store = layered_store(tmp_path / "s")
+    writer = ShardWriter(store, 0)
+    sequences = [layered_sequence(n, i, i) for i, n in enumerate([5, 7, 6])]
+    for rows, _, _ in sequences:
+        writer.append(rows)
+        writer.mark_resume_point()
+    writer.finish()
+    store = open_store(tmp_path / "s", require_complete=True)
+    assert store.attrs["feature_layers"] == [0, 2] and store.attrs["num_hidden_layers"] == 4
+    assert store.feature_layers == (0, 2, 4)  # the final state (4) is hidden_states
+    shard = store.shard(0)
+    assert shard.array("layer_states").shape == (18, 2, 6)
+    assert shard.array("layer_states").dtype == np.uint16  # bf16 bits, like hidden_states
+    hidden = torch.cat([h for _, h, _ in sequences]).float()
+    layers = torch.cat([lay for _, _, lay in sequences]).float()
+    features = shard.read_features(3, 15, [4, 0, 2, -1])
+    assert features.dtype == np.float32 and features.shape == (12, 4, 6)
+    assert torch.equal(torch.from_numpy(features[:, 0]), hidden[3:15])
+    assert torch.equal(torch.from_numpy(features[:, 1]), layers[3:15, 0])
+    assert torch.equal(torch.from_numpy(features[:, 2]), layers[3:15, 1])
+    assert torch.equal(torch.from_numpy(features[:, 3]), hidden[3:15])  # -1: the final state
+    assert shard.read_rows(0, 18).layer_states.shape == (18, 2, 6)
+    with pytest.raises(
+        StoreError, match=r"feature layer 1 is not stored; this store holds layers \[0, 2, 4\]"
+    ):
+        shard.read_features(0, 4, [0, 1])
+    with pytest.raises(StoreError, match="outside the committed rows"):
+        shard.read_features(10, 19, [4])
+
+
+def test_a_crash_and_resume_keeps_layer_states_aligned(tmp_path):
+    store = layered_store(tmp_path / "s")
+    writer = ShardWriter(store, 0)
+    sequences = [layered_sequence(n, i, i) for i, n in enumerate([5, 7, 3, 9, 4])]
+    for rows, _, _ in sequences[:3]:
+        writer.append(rows)
+        writer.mark_resume_point()
+    del writer  # crash: rows 0-7 flushed, committed up to row 5
+    writer = ShardWriter(open_store(tmp_path / "s"), 0, resume=True)
+    for rows, _, _ in sequences[1:]:
+        writer.append(rows)
+        writer.mark_resume_point()
+    writer.finish()
+    shard = open_store(tmp_path / "s", require_complete=True).shard(0)
+    expected = torch.cat([lay for _, _, lay in sequences]).float().numpy()
+    np.testing.assert_array_equal(shard.read_features(0, 28, [0, 2]), expected)
+
+
+def test_layer_states_must_match_the_stores_feature_layers(tmp_path):
+    writer = ShardWriter(layered_store(tmp_path / "s"), 0)
+    with pytest.raises(StoreError, match=r"layer_states shape \(5, 3, 6\) != \(5, 2, 6\)"):
+        writer.append(layered_sequence(5, 0, 0, n_layers=3)[0])
+    with pytest.raises(StoreError, match=r"layer_states shape None"):
+        writer.append(sequence(5, 0, 0)[0])
+    plain = ShardWriter(make_store(tmp_path / "plain"), 0)
+    with pytest.raises(StoreError, match="the store has no feature layers"):
+        plain.append(layered_sequence(5, 0, 0)[0])
+    with pytest.raises(StoreError, match="must be ascending, unique and in"):
+        layered_store(tmp_path / "bad", feature_layers=(2, 4))  # 4 is the final state
+
+
+def test_a_store_without_feature_layers_reads_its_final_state(tmp_path):
+    store = make_store(tmp_path / "s")  # as import-pt and older collections write it
+    writer = ShardWriter(store, 0)
+    rows, hidden = sequence(5, 0, 0)
+    writer.append(rows)
+    writer.finish()
+    store = open_store(tmp_path / "s")
+    assert "layer_states" not in store.shard(0).group and store.feature_layers == (-1,)
+    assert store.shard(0).read_rows(0, 5).layer_states is None
+    features = store.shard(0).read_features(0, 5, [-1])
+    assert torch.equal(torch.from_numpy(features[:, 0]), hidden.float())
+    with pytest.raises(StoreError, match="feature layer 3 is not stored"):
+        store.shard(0).read_features(0, 5, [3])
+
+
+def test_estimated_bytes_count_the_feature_layers():
+    assert estimate_bytes_per_row(576, "bfloat16") == 576 * 2 + 17
+    assert estimate_bytes_per_row(576, "bfloat16", 3) == 4 * 576 * 2 + 17

@@ -244,3 +244,98 @@ def test_a_shard_without_sequences_is_fine(tmp_path):
     assert [s.rows for s in report.shards] == [30, 20, 0]
     *_, dataset = create_dataloaders(store.path, loss_on="all")
     assert len(dataset) == 50
+
+
+# ----------------------------------------------------------------------------------------------
+# layer_states [T, n, H]: checked like hidden_states
+
+
+@pytest.fixture(scope="module")
+def layered(tmp_path_factory) -> Path:
+    """A complete bf16 store with feature layers 1 and 3 of a 4-layer model: 150 rows."""
+    import torch
+
+    from dmtp.store import SequenceRows, ShardWriter, create_store, encode_hidden_states
+
+    path = tmp_path_factory.mktemp("layered") / "store"
+    store = create_store(
+        path, attrs={}, hidden_size=16, vocab_size=50, hidden_dtype="bfloat16", num_shards=1,
+        layout=LAYOUT, feature_layers=[1, 3], num_hidden_layers=4,
+    )  # fmt: skip
+    writer = ShardWriter(store, 0)
+    g = torch.Generator().manual_seed(0)
+    for i, n in enumerate([70, 80]):
+        writer.append(
+            SequenceRows(
+                hidden_states=encode_hidden_states(torch.randn(n, 16, generator=g).bfloat16()),
+                tokens=np.arange(n, dtype=np.int32) % 50,
+                input_ids=np.arange(n, dtype=np.int32) % 50,
+                sample_ids=np.full(n, i, np.int64),
+                is_generated=np.zeros(n, bool),
+                layer_states=encode_hidden_states(torch.randn(n, 2, 16, generator=g).bfloat16()),
+            )
+        )
+        writer.mark_resume_point()
+    writer.finish()
+    return path
+
+
+def _flip_layer_byte(store: Path) -> None:
+    path = store / "shards/0/layer_states/c/1/0/0"  # rows 64-127; inner chunk 2 = rows 96-111
+    data = bytearray(path.read_bytes())
+    chunk_bytes = 16 * 2 * 16 * 2 + 4  # rows x layers x hidden x bf16 + crc32c
+    data[2 * chunk_bytes + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _nan_layer_state(store: Path) -> None:
+    zarr.open_array(store / "shards/0/layer_states", mode="a")[140, 1, 3] = 0x7FC0
+
+
+def _delete_layer_states(store: Path) -> None:
+    shutil.rmtree(store / "shards/0/layer_states")
+
+
+def _shorten_layer_states(store: Path) -> None:
+    zarr.open_array(store / "shards/0/layer_states", mode="a").resize((100, 2, 16))
+
+
+def _delete_layer_file(store: Path) -> None:
+    os.remove(store / "shards/0/layer_states/c/2/0/0")
+
+
+def _more_feature_layers_in_attrs(store: Path) -> None:
+    zarr.open_group(store, mode="a").attrs["feature_layers"] = [0, 1, 3]
+
+
+LAYER_CASES: dict[str, tuple[Callable[[Path], None], str, str | None, list[int] | None]] = {
+    "flipped_byte": (_flip_layer_byte, "checksum", "c/1/0/0#2", [96, 112]),
+    "nan": (_nan_layer_state, "non_finite", "c/2/0/0#0", [140, 141]),
+    "missing_array": (_delete_layer_states, "missing_array", None, None),
+    "short_array": (_shorten_layer_states, "row_count", None, None),
+    "missing_file": (_delete_layer_file, "missing_chunk", "c/2/0/0", [128, 150]),
+    "shape": (_more_feature_layers_in_attrs, "shape", None, None),
+}
+
+
+def test_healthy_layered_store_passes(layered):
+    report = validate_store(layered)
+    assert report.ok and report.rows == 150, report.summary()
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_layer_states_damage_is_named_and_located(case, layered, tmp_path):
+    damage, check, chunk, rows = LAYER_CASES[case]
+    store = tmp_path / "store"
+    shutil.copytree(layered, store)
+    damage(store)
+    report = validate_store(store)
+    matching = [
+        f
+        for f in report.errors
+        if (f.check, f.shard, f.array) == (check, 0, "layer_states")
+        and (chunk is None or f.chunk == chunk)
+        and (rows is None or f.rows == rows)
+    ]
+    assert matching, f"no [{check}] finding at layer_states {chunk} {rows}:\n{report.summary()}"
+    assert f"[{check}] shard 0 / layer_states" in report.summary()
