@@ -136,16 +136,22 @@ def check_head_matches_base(head_config: Any, base: BaseModel, where: str) -> No
             f"{where}: head hidden_size {head_config.hidden_size} != base model's {base.hidden_size}: "
             "the head was trained for another base model; pass the one it was trained on as --base_model_path"
         )
-    recorded_vocab = head_config.base_vocab_size
-    if recorded_vocab is not None:
-        vocab_ok = int(recorded_vocab) == base.vocab_size
-    else:  # no record: the head's rows are the base vocabulary, plus one mask row by default
+    if getattr(head_config, "owns_vocabulary", False):
         vocab_ok = int(head_config.vocab_size) in (base.vocab_size, base.vocab_size + 1)
-    if not vocab_ok or int(head_config.vocab_size) < base.vocab_size:
+    else:  # the head borrows this model's embedding and LM head
+        vocab_ok = int(head_config.vocab_size) == base.vocab_size
+    if not vocab_ok:
         raise ModelLoadError(
-            f"{where}: head vocabulary ({recorded_vocab or head_config.vocab_size} tokens, "
-            f"{head_config.vocab_size} rows) does not fit the base model's {base.vocab_size}: "
-            "the head was trained for another base model"
+            f"{where}: head vocabulary ({head_config.vocab_size} tokens) does not fit the base "
+            f"model's {base.vocab_size}: the head was trained for another base model"
+        )
+    layers = [int(i) for i in getattr(head_config, "feature_layers", None) or []]
+    depth = base.model.config.get_text_config().num_hidden_layers
+    outside = [i for i in layers if not -1 <= i <= depth]
+    if outside:
+        raise ModelLoadError(
+            f"{where}: head reads feature layers {layers}, but the base model has {depth} layers "
+            f"(hidden_states 0..{depth}): the head was trained for another base model"
         )
     recorded = (head_config.base_model or {}).get("fingerprint")
     if recorded and recorded != base.fingerprint:
@@ -185,6 +191,10 @@ def load_head_drafter(config: EvalConfig, base: BaseModel) -> tuple[HeadDrafter,
     except (OSError, ValueError, RuntimeError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ModelLoadError(f"{path}: cannot load the head: {first_line}") from error
+    if not head.config.owns_vocabulary:
+        head.attach_base(
+            base.model.get_input_embeddings().weight, base.model.get_output_embeddings().weight
+        )
     head.to(device=base.model.device, dtype=base.dtype).eval()
     drafter = HeadDrafter(
         head,
@@ -199,6 +209,8 @@ def load_head_drafter(config: EvalConfig, base: BaseModel) -> tuple[HeadDrafter,
         "block_length": block_length,
         "mask_token_id": int(head_config.mask_token_id),
         "num_hidden_layers": int(head_config.num_hidden_layers),
+        "feature_layers": list(head_config.feature_layers),
+        "context_window": head_config.context_window,
         "parameters": sum(p.numel() for p in head.parameters()),
         "denoising_steps": config.denoising_steps,
         "first_position": config.first_position,

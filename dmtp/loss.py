@@ -1,8 +1,21 @@
-"""The masked-diffusion (MDLM "SUBS") objective of the MTP head (DESIGN §4), as free functions.
+"""The masked-diffusion objective of the draft head (DESIGN §4), as free functions.
 
-- `sample_masking`: t ~ U[ε, 1) per example; mask each of the L positions w.p. 1 − α(t).
-- `noised_input_ids`: x_t = labels, with masked positions replaced by the mask token.
-- `masked_diffusion_loss`: Σ w(t)·CE(logits, labels) over masked positions / #label positions.
+Objectives (`--objective`):
+- `decode` (default): train as the head decodes. Position 0 is the known bonus token: always
+  clean, never in the loss. Each of positions 1..L-1 is masked with probability 1 − α(t),
+  t ~ U[ε, 1), and a masked position costs w(t)·CE. `t → 1` is the all-masked block that one-step
+  drafting sees; smaller t shows the head blocks with some later tokens known (K > 1 steps).
+- `decode_all`: position 0 clean, every position 1..L-1 masked, w ≡ 1: exactly the one-step
+  drafting input, the DFlash recipe.
+- `seed`: the guide's literal objective: every position maskable, position 0 in the loss,
+  Σ w(t)·CE / #label positions.
+
+Guard against w(t) blow-up (decode): w(t) = 1/t reaches 1/ε = 1000 near t = ε, where one example
+would carry most of a batch's gradient; so w is capped at `LOSS_WEIGHT_CAP` and the loss is the
+weighted *mean* over the counted positions (divided by Σ w, not by the batch size).
+
+`position_decay γ > 0` weights block position k ≥ 1 by exp(−(k − 1)/γ) (DFlash): an early draft
+position decides whether the later ones count at all.
 """
 
 from __future__ import annotations
@@ -13,8 +26,10 @@ import torch.nn.functional as F
 from dmtp.errors import DmtpError
 from dmtp.schedules import NoiseSchedule
 
-IGNORE_INDEX = -100  # labels past a sequence's end
+IGNORE_INDEX = -100  # labels past a sequence's end or past a disagreement with the greedy chain
 LOSS_WEIGHT_TYPES = ("scheduler", "ones")
+OBJECTIVES = ("decode", "decode_all", "seed")
+LOSS_WEIGHT_CAP = 10.0  # w(t) of the linear schedule at t = 0.1; below that t weighs the same
 
 
 def sample_masking(
@@ -22,48 +37,88 @@ def sample_masking(
     schedule: NoiseSchedule,
     time_epsilon: float,
     generator: torch.Generator | None = None,
+    objective: str = "seed",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw `t: [B]` uniform in [ε, 1) and `masked: [B, L]` (bool), each position masked w.p. 1 − α(t).
+    """Draw `t: [N]` in [ε, 1) and `masked: [N, L]` (bool) for blocks `labels: [N, L]`.
 
-    `labels: [B, L]`. Random numbers come from `generator` (on the CPU) so a run can be replayed
-    exactly from a seed and a step number, whatever the device.
+    Random numbers come from `generator` (on the CPU) so a run can be replayed exactly from a seed
+    and a step number, whatever the device. Under `decode*` position 0 is never masked.
     """
+    if objective not in OBJECTIVES:
+        raise DmtpError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
     if not 0.0 <= time_epsilon < 1.0:
         raise DmtpError(f"time_epsilon must be in [0, 1), got {time_epsilon}")
-    batch_size, block_length = labels.shape
-    t = time_epsilon + (1.0 - time_epsilon) * torch.rand(batch_size, generator=generator)
-    draws = torch.rand(batch_size, block_length, generator=generator)
-    masked = draws < schedule.mask_probability(t)[:, None]
+    n, length = labels.shape
+    t = time_epsilon + (1.0 - time_epsilon) * torch.rand(n, generator=generator)
+    draws = torch.rand(n, length, generator=generator)
+    if objective == "decode_all":
+        t = torch.ones(n)
+        masked = torch.ones(n, length, dtype=torch.bool)
+    else:
+        masked = draws < schedule.mask_probability(t)[:, None]
+    if objective != "seed":
+        masked[:, 0] = False
     return t.to(labels.device), masked.to(labels.device)
 
 
-def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, loss_weight_type: str) -> torch.Tensor:
-    """`w(t): [B]` from the schedule (`scheduler`) or all ones (`ones`)."""
-    if loss_weight_type == "scheduler":
-        return schedule.weight(t)
-    if loss_weight_type == "ones":
+def loss_weights(
+    schedule: NoiseSchedule, t: torch.Tensor, loss_weight_type: str, objective: str = "seed"
+) -> torch.Tensor:
+    """`w(t): [N]` from the schedule (`scheduler`) or all ones (`ones`); capped unless `seed`."""
+    if loss_weight_type not in LOSS_WEIGHT_TYPES:
+        raise DmtpError(
+            f"unknown loss_weight_type {loss_weight_type!r}: use one of {LOSS_WEIGHT_TYPES}"
+        )
+    if loss_weight_type == "ones" or objective == "decode_all":
         return torch.ones_like(t)
-    raise DmtpError(
-        f"unknown loss_weight_type {loss_weight_type!r}: use one of {LOSS_WEIGHT_TYPES}"
-    )
+    weights = schedule.weight(t)
+    return weights if objective == "seed" else weights.clamp(max=LOSS_WEIGHT_CAP)
+
+
+def position_weights(
+    block_length: int, decay: float, device: torch.device | None = None
+) -> torch.Tensor:
+    """`[L]`: exp(−(k − 1)/γ) at draft position k ≥ 1 (1 at position 0); all ones when γ = 0."""
+    k = torch.arange(block_length, dtype=torch.float32, device=device)
+    if decay <= 0:
+        return torch.ones(block_length, device=device)
+    return torch.exp(-(k - 1).clamp(min=0) / decay)
 
 
 def noised_input_ids(
     labels: torch.Tensor, masked: torch.Tensor, mask_token_id: int
 ) -> torch.Tensor:
-    """`x_t: [B, L]`: labels where clean, `mask_token_id` where masked or past the sequence end."""
+    """`x_t: [..., L]`: labels where clean, `mask_token_id` where masked or past the sequence end."""
     hidden = masked | (labels == IGNORE_INDEX)
     return torch.where(hidden, torch.full_like(labels, mask_token_id), labels)
 
 
-def masked_diffusion_loss(
-    logits: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, weights: torch.Tensor
+def block_loss(
+    head: torch.nn.Module,
+    states: torch.Tensor,
+    labels: torch.Tensor,
+    masked: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    objective: str,
+    position_decay: float = 0.0,
 ) -> torch.Tensor:
-    """Weighted CE on masked positions / number of label positions. logits [B, L, V], labels/masked [B, L], weights [B] -> scalar."""
+    """The objective's loss (scalar). states [N, L, H] from the head, labels/masked [N, L], weights [N].
+
+    Logits are computed only at the positions in the loss (never position 0 under `decode*`): the
+    base LM head is most of a small head's FLOPs.
+    """
+    labels = head.to_draft_labels(labels)  # tokens outside the draft vocabulary drop out
     valid = labels != IGNORE_INDEX
-    token_loss = F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(labels)
-    counted = (masked & valid).to(token_loss.dtype)
-    total = (token_loss * counted * weights.to(token_loss.dtype)[:, None]).sum()
-    return total / valid.sum().clamp(min=1)
+    counted = masked & valid
+    per_position = position_weights(labels.shape[1], position_decay, labels.device)
+    token_weight = weights.to(torch.float32)[:, None] * per_position[None, :]
+    rows = counted.nonzero(as_tuple=True)
+    if rows[0].numel() == 0:
+        return states.sum() * 0.0  # nothing masked in this batch: a zero that keeps the graph
+    logits = head.draft_logits(states[rows])
+    token_loss = F.cross_entropy(logits.float(), labels[rows], reduction="none")
+    weighted = (token_loss * token_weight[rows]).sum()
+    if objective == "seed":
+        return weighted / valid.sum().clamp(min=1)
+    return weighted / token_weight[rows].sum().clamp(min=torch.finfo(torch.float32).tiny)

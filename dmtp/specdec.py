@@ -36,10 +36,17 @@ import torch
 class DraftContext:
     """What a drafter sees at the start of a round."""
 
-    hidden_state: torch.Tensor  # [H] the base model's last-layer state that produced `bonus_token`
+    # [n, F·H] the drafter's feature layers at the positions committed since its last call (the
+    # prompt, then each round's bonus and accepted drafts); None for drafters that read no features
+    new_features: torch.Tensor | None
     bonus_token: int  # committed, not yet fed to the base model
     sequence: list[int]  # every committed token: the prompt, the generated ones, `bonus_token` last
     num_tokens: int  # propose at most this many drafts (block_length - 1, fewer near the end)
+
+    @property
+    def bonus_position(self) -> int:
+        """The bonus token's position; features exist for every position before it."""
+        return len(self.sequence) - 1
 
 
 class Drafter(Protocol):
@@ -51,6 +58,7 @@ class Drafter(Protocol):
 
     name: str
     block_length: int | None
+    feature_layers: Sequence[int] | None  # output_hidden_states indices it reads, or None
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         """Called once per prompt, outside the timed decoding."""
@@ -83,23 +91,29 @@ class Timer:
 
 
 def _forward(
-    model: Any, input_ids: list[int], cache: Any, last_only: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feed `input_ids` after the cached prefix: (logits [T, V], last-layer states [T, H]).
+    model: Any,
+    input_ids: list[int],
+    cache: Any,
+    last_only: bool = False,
+    feature_layers: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Feed `input_ids` after the cached prefix: (logits [T, V], features [T, F·H] or None).
 
-    `last_only` keeps only the last position (a prefill needs nothing else). The state is
-    `hidden_states[-1]`, after the final norm: what `dmtp collect` stores and the head was trained on.
+    `last_only` keeps only the last position's logits (a prefill needs no other). The features are
+    `hidden_states[i]` for i in `feature_layers`, concatenated, at every fed position: what
+    `dmtp collect` stores (the last one after the final norm) and the head was trained on.
     """
     ids = torch.tensor([input_ids], dtype=torch.long, device=model.device)
     out = model(
         input_ids=ids,
         cache=cache,
         use_cache=True,
-        output_hidden_states=True,
+        output_hidden_states=feature_layers is not None,
         logits_to_keep=1 if last_only else 0,
     )
-    hidden = out.hidden_states[-1][0]
-    return out.logits[0], hidden[-1:] if last_only else hidden
+    if feature_layers is None:
+        return out.logits[0], None
+    return out.logits[0], torch.cat([out.hidden_states[i][0] for i in feature_layers], dim=-1)
 
 
 def new_cache(model: Any) -> Any:
@@ -203,9 +217,12 @@ def speculative_decode(
     sequence = list(prompt_ids)
     result = SpecResult(tokens=[])
     with total:
+        layers = getattr(drafter, "feature_layers", None)
         with verifying:
-            logits, hidden = _forward(model, sequence, cache, last_only=True)
-        bonus, state = int(logits[-1].argmax()), hidden[-1]
+            logits, pending = _forward(
+                model, sequence, cache, last_only=True, feature_layers=layers
+            )
+        bonus = int(logits[-1].argmax())
         sequence.append(bonus)
         result.tokens.append(bonus)
         while result.tokens[-1] not in eos and len(result.tokens) < max_new_tokens:
@@ -213,11 +230,12 @@ def speculative_decode(
             budget = min(block_length - 1, max_new_tokens - len(result.tokens) - 1)
             drafts: list[int] = []
             if budget > 0:
-                context = DraftContext(state, bonus, sequence, budget)
+                context = DraftContext(pending, bonus, sequence, budget)
                 with drafting:
                     drafts = list(drafter.draft(context))[:budget]
+                pending = None  # the drafter has taken them into its own cache
             with verifying:
-                logits, hidden = _forward(model, [bonus, *drafts], cache)
+                logits, features = _forward(model, [bonus, *drafts], cache, feature_layers=layers)
                 # predicted[i] is the base model's token after [bonus, *drafts][i].
                 predicted = logits.argmax(dim=-1).tolist()
             accepted = 0
@@ -226,7 +244,10 @@ def speculative_decode(
             new = [*drafts[:accepted], predicted[accepted]]
             # Keep the bonus token and the accepted drafts; the rejected drafts' entries go.
             _rollback(cache, len(sequence) + accepted)
-            bonus, state = new[-1], hidden[accepted]
+            if features is not None:  # the bonus and the accepted drafts are now context
+                kept = features[: accepted + 1]
+                pending = kept if pending is None else torch.cat([pending, kept])
+            bonus = new[-1]
             sequence.extend(new)
             cache_length = cache.get_seq_length()
             if cache_length != len(sequence) - 1:
@@ -251,12 +272,13 @@ def speculative_decode(
 
 
 class HeadDrafter:
-    """A diffusion MTP head: denoise a masked block conditioned on h in K steps (DESIGN §4, §5).
+    """A block-diffusion head (DESIGN §4, §5) with its draft-side KV cache.
 
     The block starts as `[bonus, MASK, ..., MASK]` (`first_position="clean"`, the bonus token is
-    known) or all MASK (`"masked"`). Each of the K head forwards fills the most confident masked
-    positions (max softmax probability), spread evenly so all are filled after K steps; K = 1
-    fills them all at once. Positions 1..L-1 are the drafts.
+    known) or all MASK (`"masked"`). The context (features of every committed position but the
+    bonus) enters the head's cache once, as `dflash_generate` does. Each of the K head forwards
+    fills the most confident masked positions (max softmax probability), spread evenly so all are
+    filled after K steps; K = 1 fills them all at once. Positions 1..L-1 are the drafts.
     """
 
     name = "head"
@@ -270,6 +292,8 @@ class HeadDrafter:
         denoising_steps: int = 1,
         first_position: str = "clean",
     ):
+        from dmtp.head import DraftCache
+
         if first_position not in ("clean", "masked"):
             raise ValueError(f"first_position must be clean or masked, got {first_position!r}")
         masked = block_length - 1 if first_position == "clean" else block_length
@@ -283,43 +307,57 @@ class HeadDrafter:
         self.base_vocab_size = base_vocab_size
         self.denoising_steps = denoising_steps
         self.first_position = first_position
+        self.feature_layers = list(head.config.feature_layers)
         parameter = next(head.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        self.attention_mask = torch.ones((1, block_length), dtype=torch.long, device=self.device)
+        self._new_cache = lambda: DraftCache(head.config.num_hidden_layers)
+        self.cache = self._new_cache()
 
     def start(self, prompt_ids: Sequence[int]) -> None:
-        pass
+        self.cache = self._new_cache()
 
-    def _token_logits(self, block: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """Head logits over base-vocabulary tokens only: [L, V_base] (the mask row is never a draft)."""
-        logits = self.head(
-            in_hidden_states=condition, input_ids=block, attention_mask=self.attention_mask
-        ).logits[0]
-        logits = logits[:, : self.base_vocab_size].float()
-        if self.mask_token_id < self.base_vocab_size:
-            logits[:, self.mask_token_id] = -math.inf
-        return logits
+    def _token_logits(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head logits `[L, V_draft]` over tokens it may draft, and their token ids (None: index = id)."""
+        ids = self.head.draft_token_ids(states.device)
+        logits = self.head.draft_logits(states).float()
+        if ids is None:
+            logits = logits[:, : self.base_vocab_size]
+            if self.mask_token_id < self.base_vocab_size:
+                logits[:, self.mask_token_id] = -math.inf
+        else:
+            logits[:, ids == self.mask_token_id] = -math.inf
+        return logits, ids
 
     @torch.inference_mode()
     def draft(self, context: DraftContext) -> list[int]:
         block = torch.full(
-            (1, self.block_length), self.mask_token_id, dtype=torch.long, device=self.device
+            (self.block_length,), self.mask_token_id, dtype=torch.long, device=self.device
         )
         if self.first_position == "clean":
-            block[0, 0] = context.bonus_token
-        condition = context.hidden_state.to(device=self.device, dtype=self.dtype).reshape(1, -1)
+            block[0] = context.bonus_token
+        new = context.new_features
+        if new is None:
+            new = torch.zeros((0, self.head.fc.in_features), device=self.device)
+        new = new.to(device=self.device, dtype=self.dtype)
+        # Tracked apart from the ids: a bonus token may equal the mask id and is still known.
+        masked = torch.ones(self.block_length, dtype=torch.bool, device=self.device)
+        masked[0] = self.first_position == "masked"
         for step in range(self.denoising_steps):
-            masked = block[0] == self.mask_token_id
             remaining = int(masked.sum())
             if remaining == 0:
                 break
-            probabilities = torch.softmax(self._token_logits(block, condition), dim=-1)
-            confidence, tokens = probabilities.max(dim=-1)
+            states = self.head.draft_step(new, block, context.bonus_position, self.cache)
+            new = new[:0]  # the context is in the cache now
+            logits, ids = self._token_logits(states)
+            confidence, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
+            if ids is not None:
+                tokens = ids[tokens]
             confidence = confidence.masked_fill(~masked, -1.0)
             count = math.ceil(remaining / (self.denoising_steps - step))
             chosen = confidence.topk(count).indices
-            block[0, chosen] = tokens[chosen]
-        return block[0, 1 : 1 + context.num_tokens].tolist()
+            block[chosen] = tokens[chosen]
+            masked[chosen] = False
+        return block[1 : 1 + context.num_tokens].tolist()
 
 
 class PromptLookupDrafter:
@@ -328,6 +366,7 @@ class PromptLookupDrafter:
     has to beat."""
 
     name = "prompt_lookup"
+    feature_layers = None
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int | None = None):
         if not 1 <= min_ngram <= max_ngram:
@@ -354,6 +393,7 @@ class OracleDrafter:
 
     name = "oracle"
     block_length = None
+    feature_layers = None
 
     def __init__(self, model: Any, max_new_tokens: int, eos_token_ids: Sequence[int]):
         self.model, self.max_new_tokens, self.eos_token_ids = model, max_new_tokens, eos_token_ids
@@ -373,6 +413,7 @@ class RandomDrafter:
 
     name = "random"
     block_length = None
+    feature_layers = None
 
     def __init__(self, vocab_size: int, seed: int = 0):
         self.vocab_size = vocab_size

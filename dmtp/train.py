@@ -32,7 +32,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,17 +71,62 @@ class TrainPlan:
     base_model_path: str | None  # None: random initialisation
     base_model_identity: dict[str, Any] | None  # what the store records
     store_rows: int
+    feature_layers: list[int]  # output_hidden_states indices the head reads
+    num_target_layers: int  # the base model's decoder layers (-1 numbering resolved)
+    draft_vocab: list[int] | None  # the tokens the head may draft (None: all)
 
 
-def _max_token_and_collision(store: Any, mask_token_id: int) -> tuple[int, bool]:
-    """Largest label token id in the store, and whether `mask_token_id` occurs as a label."""
-    largest, collides = -1, False
+def _token_counts(store: Any) -> np.ndarray:
+    """How often each token id occurs as an output token `t_l` in the store."""
+    counts = np.zeros(store.vocab_size, dtype=np.int64)
     for shard in store.shards():
-        tokens = np.asarray(shard.array("tokens")[: shard.n_committed])
+        tokens = np.asarray(shard.array("tokens")[: shard.n_committed], dtype=np.int64)
         if tokens.size:
-            largest = max(largest, int(tokens.max()))
-            collides = collides or bool(np.any(tokens == mask_token_id))
-    return largest, collides
+            counts += np.bincount(tokens, minlength=len(counts))[: len(counts)]
+            if int(tokens.max()) >= len(counts):
+                raise StoreError(
+                    f"{store.path}: shard {shard.index} holds token id {int(tokens.max())} >= the "
+                    f"store's vocab_size {store.vocab_size}; run `dmtp validate`"
+                )
+    return counts
+
+
+def draft_vocabulary(counts: np.ndarray, size: int, mask_token_id: int) -> list[int] | None:
+    """The `size` most frequent output tokens (ids ascending), never the mask; None for 0 or all."""
+    if size <= 0 or size >= len(counts):
+        return None
+    counts = counts.copy()
+    if mask_token_id < len(counts):
+        counts[mask_token_id] = -1
+    # stable on ties, so the same store always gives the same vocabulary
+    top = np.argsort(-counts, kind="stable")[:size]
+    return sorted(int(i) for i in top)
+
+
+def resolve_feature_layers(spec: str, store: Any) -> tuple[list[int], int]:
+    """(feature layers, num_target_layers) for --feature_layers auto | last | 2,15,28,30."""
+    final = store.num_hidden_layers
+    readable = list(store.feature_layers)
+    if spec == "auto":
+        layers = readable
+    elif spec == "last":
+        layers = [readable[-1]]
+    else:
+        try:
+            layers = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise DmtpError(
+                f"--feature_layers {spec!r}: use auto, last, or layer indices like 2,15,28"
+            ) from None
+        missing = [i for i in layers if i not in readable and not (final is None and i == -1)]
+        if not layers or missing:
+            raise DmtpError(
+                f"--feature_layers {spec}: layer(s) {missing or spec} not in the store {store.path}, "
+                f"which holds {readable}; collect with --feature_layers to add them"
+            )
+    if final is None:  # a store from before feature layers: the final state only, depth unknown
+        return [-1 if i == -1 else i for i in layers], -1
+    return [final if i == -1 else i for i in layers], final
 
 
 def plan_training(config: TrainConfig) -> TrainPlan:
@@ -100,31 +145,12 @@ def plan_training(config: TrainConfig) -> TrainPlan:
             f"--hidden_size {config.hidden_size} != the store's hidden size {store.hidden_size} "
             f"({store_path}): drop --hidden_size or use a store collected from a model of that size"
         )
-    hidden_size = store.hidden_size
-    mask_token_id = config.mask_token_id if config.mask_token_id is not None else store.vocab_size
-    vocab_size = (
-        config.vocab_size
-        if config.vocab_size is not None
-        else max(store.vocab_size, mask_token_id + 1)
-    )
-    collides = False
-    if vocab_size < store.vocab_size or mask_token_id < store.vocab_size:
-        # Only then can a label fall outside the head or collide with the mask: look at the tokens.
-        largest, collides = _max_token_and_collision(store, mask_token_id)
-        if largest >= vocab_size:
-            raise DmtpError(
-                f"--vocab_size {vocab_size} is too small: the store {store_path} holds token id "
-                f"{largest}; use --vocab_size {max(largest + 1, store.vocab_size + 1)} or drop the flag"
-            )
-    if not 0 <= mask_token_id < vocab_size:
+    feature_layers, num_target_layers = resolve_feature_layers(config.feature_layers, store)
+    counts = _token_counts(store)
+    if config.vocab_size is not None and config.vocab_size < store.vocab_size:
         raise DmtpError(
-            f"--mask_token_id {mask_token_id} is outside the head's vocabulary [0, {vocab_size}): "
-            f"raise --vocab_size to at least {mask_token_id + 1} or lower --mask_token_id"
-        )
-    if collides:
-        raise DmtpError(
-            f"--mask_token_id {mask_token_id} occurs as a real token in {store_path}: pick an id "
-            f"no label uses, e.g. {store.vocab_size} (the default) with --vocab_size {store.vocab_size + 1}"
+            f"--vocab_size {config.vocab_size} is smaller than the store's vocabulary "
+            f"{store.vocab_size} ({store_path}): drop the flag (the head uses the base model's)"
         )
     identity = store.attrs.get("base_model")
     base_model_path = config.base_model_path
@@ -146,15 +172,34 @@ def plan_training(config: TrainConfig) -> TrainPlan:
             )
         if base_model_path is None:
             base_model_path = ""  # the embedded default model (resolve_base_model fetches it)
+    vocab_size = store.vocab_size
+    if base_model_path is None:
+        # A head of its own vocabulary adds a row for the mask, as the guide's head did.
+        vocab_size = max(config.vocab_size or 0, store.vocab_size + 1)
+        mask_token_id = store.vocab_size if config.mask_token_id is None else config.mask_token_id
+    elif config.mask_token_id is None:
+        # A token the base model never output here: it will not be confused with a real bonus.
+        unused = np.flatnonzero(counts == 0)
+        mask_token_id = int(unused[-1]) if len(unused) else store.vocab_size - 1
+    else:
+        mask_token_id = config.mask_token_id
+    if not 0 <= mask_token_id < vocab_size:
+        raise DmtpError(
+            f"--mask_token_id {mask_token_id} is outside the vocabulary [0, {vocab_size}): the mask "
+            "is one of the base model's token ids (its embedding row is the mask vector)"
+        )
     return TrainPlan(
         store_path=store.path,
-        hidden_size=hidden_size,
+        hidden_size=store.hidden_size,
         vocab_size=vocab_size,
         mask_token_id=mask_token_id,
         store_vocab_size=store.vocab_size,
         base_model_path=base_model_path,
         base_model_identity=identity,
         store_rows=store.n_rows,
+        feature_layers=feature_layers,
+        num_target_layers=num_target_layers,
+        draft_vocab=draft_vocabulary(counts, config.draft_vocab_size, mask_token_id),
     )
 
 
@@ -180,9 +225,29 @@ def validate_before_training(config: TrainConfig, plan: TrainPlan) -> None:
 # the head
 
 
+def load_plan_base(plan: TrainPlan, layers: Sequence[int] = ()) -> Any:
+    """The base model's parts the head borrows (embedding, LM head, layer shape), checked against
+    the store's fingerprint."""
+    from dmtp.head import load_base_model_parts
+
+    if plan.base_model_path is None:
+        return None  # a head of its own vocabulary (the guide's §3.2)
+    base = load_base_model_parts(plan.base_model_path or None, layers=layers)
+    recorded = (plan.base_model_identity or {}).get("fingerprint")
+    if recorded and recorded != base.identity["fingerprint"]:
+        raise DmtpError(
+            f"the store was collected from base model {plan.base_model_identity.get('name_or_path')!r} "
+            f"(fingerprint {recorded}), but --base_model_path {plan.base_model_path or '(default)'} "
+            f"has fingerprint {base.identity['fingerprint']}: train with the model that made the hidden states"
+        )
+    if plan.base_model_identity and plan.base_model_identity.get("hidden_state"):
+        base.identity["hidden_state"] = plan.base_model_identity["hidden_state"]
+    return base
+
+
 def build_or_load_head(config: TrainConfig, plan: TrainPlan) -> Any:
-    """A new head (from the base model, or random) or the one at --model_name_or_path, checked against the plan."""
-    from dmtp.head import build_head, load_base_model_parts, load_head
+    """A new head, or the one at --model_name_or_path, with the base model's embedding and LM head attached."""
+    from dmtp.head import base_layers_for_init, build_head, load_head
 
     if config.model_name_or_path:
         head = load_head(config.model_name_or_path)
@@ -196,49 +261,57 @@ def build_or_load_head(config: TrainConfig, plan: TrainPlan) -> Any:
                 f"{where}: the head was trained with block_length {head.config.block_length}; "
                 f"pass --block_length {head.config.block_length}"
             )
-        if head.config.vocab_size < plan.store_vocab_size:
+        if list(head.config.feature_layers) != plan.feature_layers:
             raise DmtpError(
-                f"{where}: head vocabulary {head.config.vocab_size} < the store's {plan.store_vocab_size}"
+                f"{where}: the head reads feature layers {head.config.feature_layers}, this run "
+                f"{plan.feature_layers}; pass --feature_layers {','.join(map(str, head.config.feature_layers))}"
             )
-    else:
-        base = None
-        if plan.base_model_path is not None:
-            base = load_base_model_parts(plan.base_model_path or None)
-            recorded = (plan.base_model_identity or {}).get("fingerprint")
-            if recorded and recorded != base.identity["fingerprint"]:
+        if not head.config.owns_vocabulary:
+            base = load_plan_base(plan)
+            if base is None:
                 raise DmtpError(
-                    f"the store was collected from base model {plan.base_model_identity.get('name_or_path')!r} "
-                    f"(fingerprint {recorded}), but --base_model_path {plan.base_model_path or '(default)'} "
-                    f"has fingerprint {base.identity['fingerprint']}: train with the model that made the hidden states"
+                    f"{where}: the head borrows a base model's vocabulary; pass --base_model_path"
                 )
-            if plan.base_model_identity and plan.base_model_identity.get("hidden_state"):
-                base.identity["hidden_state"] = plan.base_model_identity["hidden_state"]
-        head = build_head(
-            hidden_size=plan.hidden_size,
-            vocab_size=plan.vocab_size,
-            mask_token_id=plan.mask_token_id,
-            block_length=config.block_length,
-            num_hidden_layers=config.num_hidden_layers,
-            pad_token_id=config.pad_token_id,
-            base=base,
-            base_model_identity=plan.base_model_identity,
-            seed=config.seed,
+            head.attach_base(base.embeddings, base.lm_head)
+        return head
+    layers = (
+        base_layers_for_init(plan.num_target_layers, config.num_hidden_layers)
+        if config.init_from_base
+        else []
+    )
+    base = load_plan_base(plan, layers)
+    if base is None and config.init_from_base:
+        raise DmtpError(
+            "--init_from_base needs a base model: the store names none, pass --base_model_path"
         )
-    if head.config.base_model is not None and (
-        config.model_name_or_path or plan.base_model_path is not None
-    ):
-        # Frozen copies of the base model's matrices; a random embedding or LM head always trains.
-        head.freeze_base_weights(embeddings=config.freeze_embeddings, lm_head=config.freeze_lm_head)
-    return head
+    if config.init_from_base and not layers:
+        # a store from before feature layers does not record the base depth: the base model does
+        layers = base_layers_for_init(base.num_hidden_layers, config.num_hidden_layers)
+        base = load_plan_base(plan, layers)
+    return build_head(
+        hidden_size=plan.hidden_size,
+        vocab_size=plan.vocab_size,
+        mask_token_id=plan.mask_token_id,
+        block_length=config.block_length,
+        feature_layers=plan.feature_layers,
+        num_target_layers=base.num_hidden_layers if base else plan.num_target_layers,
+        context_window=config.context_window,
+        num_hidden_layers=config.num_hidden_layers,
+        pad_token_id=config.pad_token_id,
+        base=base,
+        init_from_base=config.init_from_base,
+        draft_vocab=plan.draft_vocab,
+        seed=config.seed,
+    )
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters; no weight decay on norms, biases, embeddings or the mask vector."""
+    """Trainable parameters; no weight decay on norms or biases."""
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
-        exempt = parameter.ndim < 2 or "embed" in name or name.endswith("mask_embedding")
+        exempt = parameter.ndim < 2
         (no_decay if exempt else decay).append(parameter)
     return [
         {"params": decay, "weight_decay": weight_decay},
@@ -260,51 +333,80 @@ def noise_generator(seed: int, rank: int, step: int, micro_step: int = 0) -> tor
 
 def diffusion_loss(
     model: Any,
+    head: Any,
     batch: dict[str, torch.Tensor],
     *,
     schedule: Any,
     loss_weight_type: str,
     time_epsilon: float,
     mask_token_id: int,
+    objective: str,
+    position_decay: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Mask the batch's labels at random times and return the masked-diffusion loss (scalar)."""
-    from dmtp.loss import loss_weights, masked_diffusion_loss, noised_input_ids, sample_masking
+    """Mask the batch's blocks at random times and return the objective's loss (scalar).
 
-    labels = batch["labels"]
-    t, masked = sample_masking(labels, schedule, time_epsilon, generator)
+    `model` is what the accelerator wrapped (its forward syncs gradients), `head` the bare head
+    (its LM head is the base model's, with no parameter to sync). Batch: see dmtp.blocks.
+    """
+    from dmtp.loss import block_loss, loss_weights, noised_input_ids, sample_masking
+
+    labels = batch["labels"]  # [B, A, L]
+    flat = labels.flatten(0, 1)
+    t, masked = sample_masking(flat, schedule, time_epsilon, generator, objective)
     output = model(
-        in_hidden_states=batch["in_hidden_states"],
-        input_ids=noised_input_ids(labels, masked, mask_token_id),
-        attention_mask=batch.get("attention_mask"),
+        in_hidden_states=batch["context_features"],
+        input_ids=noised_input_ids(flat, masked, mask_token_id).view_as(labels),
+        anchors=batch["anchors"],
+        context_mask=batch["context_mask"],
+        with_logits=False,
     )
-    return masked_diffusion_loss(
-        output.logits, labels, masked, loss_weights(schedule, t, loss_weight_type)
+    weights = loss_weights(schedule, t, loss_weight_type, objective)
+    return block_loss(
+        head,
+        output.hidden_states.flatten(0, 1),
+        flat,
+        masked,
+        weights,
+        objective=objective,
+        position_decay=position_decay,
     )
+
+
+def count_blocks(batch: dict[str, torch.Tensor]) -> int:
+    """Blocks (training examples) in a batch: anchors that are not padding."""
+    return int((batch["anchors"] >= 0).sum())
 
 
 @torch.no_grad()
 def draft_counts(
-    model: Any, batch: dict[str, torch.Tensor], mask_token_id: int
+    model: Any, head: Any, batch: dict[str, torch.Tensor], mask_token_id: int
 ) -> dict[str, torch.Tensor]:
     """Greedy one-step drafts as at inference (DESIGN §5): position 0 clean, the rest masked.
 
     Returns counts to be summed over batches and ranks: `correct [L]`, `valid [L]` per position,
-    and `tau_sum`, `tau_count` over full blocks, where an example's τ is 1 + the number of leading
+    and `tau_sum`, `tau_count` over full blocks, where a block's τ is 1 + the number of leading
     correct drafts at positions 1..L-1 (the bonus token counts, as in EAGLE / Spec-Bench).
     """
     labels = batch["labels"]
+    blocks = torch.full_like(labels, mask_token_id)
+    blocks[..., 0] = labels[..., 0].clamp(min=0)
+    states = model(
+        in_hidden_states=batch["context_features"],
+        input_ids=blocks,
+        anchors=batch["anchors"],
+        context_mask=batch["context_mask"],
+        with_logits=False,
+    ).hidden_states
+    labels, states = labels.flatten(0, 1), states.flatten(0, 1)
+    real = labels[:, 0] != -100
+    labels, states = labels[real], states[real]
     valid = labels != -100
-    input_ids = torch.full_like(labels, mask_token_id)
-    input_ids[:, 0] = torch.where(
-        valid[:, 0], labels[:, 0], torch.full_like(labels[:, 0], mask_token_id)
-    )
-    logits = model(
-        in_hidden_states=batch["in_hidden_states"],
-        input_ids=input_ids,
-        attention_mask=batch.get("attention_mask"),
-    ).logits
-    correct = (logits.argmax(-1) == labels) & valid
+    ids = head.draft_token_ids(states.device)
+    predicted = head.draft_logits(states[:, 1:]).argmax(-1)
+    if ids is not None:
+        predicted = ids[predicted]
+    correct = torch.cat([valid[:, :1], (predicted == labels[:, 1:]) & valid[:, 1:]], dim=1)
     full = valid.all(dim=1)
     leading = torch.cumprod(correct[:, 1:].long(), dim=1).sum(dim=1)
     return {
@@ -623,22 +725,47 @@ def make_accelerator(config: TrainConfig) -> Any:
 def make_dataloaders(
     config: TrainConfig, plan: TrainPlan, rank: int, world_size: int
 ) -> tuple[Any, Any]:
-    """(train, validation) loaders of this rank's share of the store."""
-    from dmtp.data import create_dataloaders
+    """(train, validation) loaders of this rank's share of the store: anchored blocks of whole
+    sequences (dmtp.blocks); `per_device_train_batch_size` counts blocks."""
+    from torch.utils.data import DataLoader
 
-    train_dl, val_dl, _ = create_dataloaders(
-        plan.store_path,
-        batch_size=config.per_device_train_batch_size,
-        config=config.data,
-        mask_token_id=plan.mask_token_id,
-        seed=config.seed,
-        num_workers=config.dataloader_num_workers,
-        rank=rank,
-        world_size=world_size,
-        val_batch_size=config.per_device_eval_batch_size,
-        pin_memory=torch.cuda.is_available(),
+    from dmtp.blocks import AnchoredBlocks
+    from dmtp.data import TRAIN, VAL, StoreIndex
+    from dmtp.store import open_store
+
+    data = config.data
+    index = StoreIndex(
+        open_store(plan.store_path, require_complete=not data.allow_incomplete),
+        loss_on=data.loss_on,
+        train_ratio=data.train_ratio,
+        split_seed=data.split_seed,
+        max_samples=data.max_samples,
     )
-    return train_dl, val_dl
+
+    def loader(split: int, batch_size: int, shuffle: bool) -> DataLoader:
+        blocks = AnchoredBlocks(
+            index,
+            split=split,
+            feature_layers=plan.feature_layers,
+            block_length=config.block_length,
+            sequences_per_batch=max(1, batch_size // data.anchors_per_sequence),
+            anchors_per_sequence=min(data.anchors_per_sequence, batch_size),
+            max_sequence_rows=data.max_sequence_rows,
+            seed=config.seed,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
+            require_draft_label=config.objective != "seed",
+        )
+        # The dataset yields whole batches; one worker prefetches the next while this one trains.
+        workers = min(config.dataloader_num_workers, 1)
+        return DataLoader(
+            blocks, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available()
+        )
+
+    train_batch = config.per_device_train_batch_size
+    val_batch = config.per_device_eval_batch_size or train_batch
+    return loader(TRAIN, train_batch, True), loader(VAL, val_batch, False)
 
 
 @dataclass
@@ -679,6 +806,7 @@ class Trainer:
 
         config = self.config
         model = build_or_load_head(config, self.plan)
+        self.head = model  # the bare head: its LM head is borrowed, never wrapped or synced
         self.mask_token_id = model.config.mask_token_id
         state: dict[str, Any] | None = None
         if resume_from is not None:
@@ -805,15 +933,7 @@ class Trainer:
         for micro, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             with accelerator.accumulate(self.model):
-                loss = diffusion_loss(
-                    self.model,
-                    batch,
-                    schedule=self.schedule,
-                    loss_weight_type=config.loss_weight_type,
-                    time_epsilon=config.time_epsilon,
-                    mask_token_id=self.mask_token_id,
-                    generator=noise_generator(config.seed, self.rank, self.step, micro),
-                )
+                loss = self._loss(batch, noise_generator(config.seed, self.rank, self.step, micro))
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -830,6 +950,21 @@ class Trainer:
             grad_norm = self.model.get_global_grad_norm()
         return mean_loss, float(grad_norm) if grad_norm is not None else float("nan")
 
+    def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        config = self.config
+        return diffusion_loss(
+            self.model,
+            self.head,
+            batch,
+            schedule=self.schedule,
+            loss_weight_type=config.loss_weight_type,
+            time_epsilon=config.time_epsilon,
+            mask_token_id=self.mask_token_id,
+            objective=config.objective,
+            position_decay=config.position_decay,
+            generator=generator,
+        )
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss (fixed noise) and greedy draft metrics on up to max_eval_examples examples."""
@@ -837,7 +972,7 @@ class Trainer:
         self.model.eval()
         per_rank = math.ceil(config.max_eval_examples / self.world_size)
         batch_size = config.per_device_eval_batch_size or config.per_device_train_batch_size
-        n_batches = min(len(self.val_dl), math.ceil(per_rank / batch_size))
+        n_batches = min(len(self.val_dl), math.ceil(per_rank / batch_size)) if per_rank else 0
         if self.world_size > 1 and torch.distributed.is_initialized():
             # The same number of forwards on every rank: ZeRO-3 gathers parameters collectively.
             agreed = torch.tensor([n_batches], device=self.accelerator.device)
@@ -848,26 +983,19 @@ class Trainer:
             "loss_count": torch.zeros(1, dtype=torch.float64),
         }
         counts: dict[str, torch.Tensor] = {}
-        seen = 0
         for index, batch in enumerate(self.val_dl):
             if index >= n_batches:
                 break
             batch = self._to_device(batch)
-            if batch["labels"].shape[0] > per_rank - seen:
-                batch = {k: v[: max(per_rank - seen, 1)] for k, v in batch.items()}
-            seen += batch["labels"].shape[0]
-            loss = diffusion_loss(
-                self.model,
-                batch,
-                schedule=self.schedule,
-                loss_weight_type=config.loss_weight_type,
-                time_epsilon=config.time_epsilon,
-                mask_token_id=self.mask_token_id,
-                generator=noise_generator(config.seed, self.rank, EVAL_NOISE_STEP, index),
+            blocks = count_blocks(batch)
+            loss = self._loss(
+                batch, noise_generator(config.seed, self.rank, EVAL_NOISE_STEP, index)
             )
-            sums["loss_sum"] += loss.double().cpu() * batch["labels"].shape[0]
-            sums["loss_count"] += batch["labels"].shape[0]
-            for key, value in draft_counts(self.model, batch, self.mask_token_id).items():
+            sums["loss_sum"] += loss.double().cpu() * blocks
+            sums["loss_count"] += blocks
+            for key, value in draft_counts(
+                self.model, self.head, batch, self.mask_token_id
+            ).items():
                 counts[key] = counts.get(key, 0) + value.cpu()
         if not counts:  # this rank had no validation data: contribute zeros of the right shape
             length = self.config.block_length
@@ -928,7 +1056,7 @@ class Trainer:
             self.losses[self.step] = loss
             window_losses.append(loss)
             # ranks hold equal shares (even_ranks), so this rank's count x world size is the total
-            window_examples += sum(len(b["labels"]) for b in micro) * self.world_size
+            window_examples += sum(count_blocks(b) for b in micro) * self.world_size
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}")

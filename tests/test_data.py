@@ -239,6 +239,44 @@ def test_original_call_and_item_keys(output_dir):
     assert len(val_dl) > 0
 
 
+def test_a_head_of_its_own_vocabulary_consumes_a_batch_as_the_guide_does(output_dir):
+    """The guide's loop: create_dataloaders' batch straight into the head, then the seed objective."""
+    from dmtp.head import build_head
+    from dmtp.loss import block_loss, loss_weights, noised_input_ids, sample_masking
+    from dmtp.schedules import get_schedule
+
+    torch.manual_seed(0)
+    train_dl, _, _ = create_dataloaders(output_dir, block_length=4, batch_size=8, loss_on="all")
+    batch = next(iter(train_dl))
+    assert set(batch) == {"in_hidden_states", "input_ids", "labels", "attention_mask"}
+    # the seed's head: the final state of one position, its own embedding and LM head
+    head = build_head(
+        hidden_size=16, vocab_size=51, mask_token_id=50, block_length=4, feature_layers=[-1],
+        num_target_layers=-1,
+    )  # fmt: skip
+    out = head(
+        in_hidden_states=batch["in_hidden_states"],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+    )
+    assert out.logits.shape == (8, 4, 51) and torch.isfinite(out.logits).all()
+
+    schedule = get_schedule("linear")
+    generator = torch.Generator().manual_seed(0)
+    t, masked = sample_masking(batch["labels"], schedule, 1e-3, generator, objective="seed")
+    states = head(
+        in_hidden_states=batch["in_hidden_states"],
+        input_ids=noised_input_ids(batch["labels"], masked, head.config.mask_token_id),
+        attention_mask=batch["attention_mask"],
+    ).hidden_states[:, 0]
+    loss = block_loss(
+        head, states, batch["labels"], masked, loss_weights(schedule, t, "scheduler", "seed"),
+        objective="seed",
+    )  # fmt: skip
+    loss.backward()
+    assert loss.item() > 0 and head.fc.weight.grad.abs().sum() > 0
+
+
 def test_options(output_dir):
     truth = {
         lo: expected_examples(output_dir / "collected_data_final", 2, lo)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dmtp import evaluate as evaluate_module
 from dmtp.cli import main
@@ -18,11 +19,12 @@ from dmtp.evaluate import (
     log_evaluation_to_mlflow,
     plot_evaluation,
 )
-from dmtp.head import build_head, load_base_model_parts
+from dmtp.head import MTPHeadConfig, MTPHeadModel, build_head, load_base_model_parts
 from dmtp.prompts import iter_prompts
 from dmtp.specdec import GreedyResult, SpecResult
 
 BLOCK = 4
+LAYERS = [1, 2]  # output_hidden_states indices of the 2-layer debug model
 RECORDS = [
     {
         "prompt": "Write a story about a lighthouse keeper.",
@@ -37,6 +39,14 @@ RECORDS = [
         "length": 50,
     },
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core box: more threads only spin-wait
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +71,9 @@ def head_dir(tmp_path_factory, base_parts) -> Path:
     path = output_dir / "final"
     V = base_parts.vocab_size
     build_head(
-        hidden_size=64, vocab_size=V + 1, mask_token_id=V, block_length=BLOCK, base=base_parts
-    ).save_pretrained(path)
+        hidden_size=64, vocab_size=V, mask_token_id=V - 1, block_length=BLOCK,
+        feature_layers=LAYERS, num_target_layers=2, base=base_parts,
+    ).save_pretrained(path)  # fmt: skip
     return path
 
 
@@ -106,6 +117,8 @@ def test_evaluate_reports_tau_acceptance_and_speed(evaluation):
     assert json.loads(output.read_text()) == json.loads(json.dumps(result))
     assert result["schema"] == "dmtp.evaluation/1" and result["lossless"] is True
     assert result["head"]["block_length"] == BLOCK
+    assert result["head"]["feature_layers"] == LAYERS and result["head"]["context_window"] is None
+    assert result["head"]["mask_token_id"] == 319
     assert result["head"]["mlflow_run_id"] == "run-that-trained-it"
     assert set(result["drafters"]) == {"head", "prompt_lookup"}
     assert [p["category"] for p in result["prompts"]] == ["story", "science", "Popular Science"]
@@ -120,6 +133,19 @@ def test_evaluate_reports_tau_acceptance_and_speed(evaluation):
         assert overall["rounds"] == rounds
         assert set(figures["by_category"]) == {"story", "science", "Popular Science"}
     assert result["drafters"]["head"]["overall"]["tau"] < 1.5  # untrained: drafts are guesses
+
+
+def test_a_head_of_its_own_vocabulary_is_evaluated_too(debug_model_dir, prompts_file, tmp_path):
+    """A head trained without a base model (the guide's §3.2: its own embedding, LM head and a
+    mask row past the base vocabulary) drafts with its own weights, losslessly."""
+    head = _save_head(tmp_path / "own", hidden_size=64, vocab_size=321, mask_token_id=320)
+    config = eval_config(
+        debug_model_dir, head, prompts_file, max_prompts=1, max_new_tokens=12, prompt_lookup=False
+    )
+    result = evaluate(config, progress=False)
+    assert result["lossless"] is True and list(result["drafters"]) == ["head"]
+    assert result["head"]["feature_layers"] == [-1] and result["head"]["mask_token_id"] == 320
+    assert 1.0 <= result["drafters"]["head"]["overall"]["tau"] <= BLOCK
 
 
 def test_cli_runs_the_prompt_lookup_baseline_alone(debug_model_dir, prompts_file, tmp_path, capsys):
@@ -141,7 +167,16 @@ def test_cli_runs_the_prompt_lookup_baseline_alone(debug_model_dir, prompts_file
 
 
 def _save_head(path: Path, **kwargs) -> Path:
-    build_head(**kwargs).save_pretrained(path)
+    """A head of its own vocabulary (no base model to borrow from) unless `config` is given."""
+    values = dict(block_length=BLOCK, feature_layers=[-1], num_target_layers=-1)
+    build_head(**{**values, **kwargs}).save_pretrained(path)
+    return path
+
+
+def _save_borrowing_head(path: Path, **config) -> Path:
+    """A head that borrows a base vocabulary, saved without needing that base model."""
+    values = dict(hidden_size=64, block_length=BLOCK, feature_layers=LAYERS, num_target_layers=2)
+    MTPHeadModel(MTPHeadConfig(**{**values, **config})).save_pretrained(path)
     return path
 
 
@@ -149,14 +184,12 @@ def _bad_inputs(
     tmp: Path, debug_model_dir: Path, head_dir: Path, base_parts
 ) -> dict[str, tuple[list[str], str]]:
     V = base_parts.vocab_size
-    other_hidden = _save_head(
-        tmp / "h32", hidden_size=32, vocab_size=V + 1, mask_token_id=V, block_length=BLOCK
-    )
-    other_vocab = _save_head(
-        tmp / "v1000", hidden_size=64, vocab_size=1001, mask_token_id=1000, block_length=BLOCK
-    )
+    other_hidden = _save_head(tmp / "h32", hidden_size=32, vocab_size=V + 1, mask_token_id=V)
+    other_vocab = _save_head(tmp / "v1000", hidden_size=64, vocab_size=1001, mask_token_id=1000)
+    borrowed_vocab = _save_borrowing_head(tmp / "b1000", vocab_size=1000, mask_token_id=999)
+    deeper_base = _save_borrowing_head(tmp / "deep", vocab_size=V, feature_layers=[2, 5])
     other_model = _save_head(
-        tmp / "fp", hidden_size=64, vocab_size=V + 1, mask_token_id=V, block_length=BLOCK,
+        tmp / "fp", hidden_size=64, vocab_size=V + 1, mask_token_id=V,
         base_model_identity={"name_or_path": "another-model", "fingerprint": "0" * 32},
     )  # fmt: skip
     no_weights = tmp / "no-weights"
@@ -165,6 +198,8 @@ def _bad_inputs(
     return {
         "hidden size": (["--head_path", str(other_hidden)], "head hidden_size 32 != base model's 64"),
         "vocabulary": (["--head_path", str(other_vocab)], "does not fit the base model's 320"),
+        "borrowed vocabulary": (["--head_path", str(borrowed_vocab)], "(1000 tokens) does not fit the base model's 320"),
+        "feature layers": (["--head_path", str(deeper_base)], "head reads feature layers [2, 5], but the base model has 2 layers"),
         "fingerprint": (["--head_path", str(other_model)], "trained for base model another-model"),
         "missing head": (["--head_path", str(tmp / "nope")], "head not found"),
         "missing weights": (["--head_path", str(no_weights)], "weights are missing"),

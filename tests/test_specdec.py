@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dmtp import specdec
-from dmtp.head import build_head, load_base_model_parts
+from dmtp.head import DraftCache, build_head, load_base_model_parts
 from dmtp.specdec import (
     CacheInvariantError,
     DraftContext,
@@ -47,16 +47,26 @@ def eos(base):
     return [base[0].generation_config.eos_token_id]
 
 
+MASK = 319  # a base token id, as plan_training picks one
+LAYERS = [1, 2]  # output_hidden_states indices of the 2-layer debug model (2 = the final state)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core box: more threads only spin-wait
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def untrained_head(debug_model_dir):
+    """A random head that borrows the tiny model's embedding and LM head."""
     parts = load_base_model_parts(str(debug_model_dir))
     return build_head(
-        hidden_size=64,
-        vocab_size=parts.vocab_size + 1,
-        mask_token_id=parts.vocab_size,
-        block_length=BLOCK,
-        base=parts,
-    ).eval()
+        hidden_size=64, vocab_size=parts.vocab_size, mask_token_id=MASK, block_length=BLOCK,
+        feature_layers=LAYERS, num_target_layers=parts.num_hidden_layers, base=parts,
+    ).eval()  # fmt: skip
 
 
 def check_rounds(result, prompt_length, full_drafts=True):
@@ -119,38 +129,139 @@ def test_untrained_head_is_lossless_and_rarely_right(
     base, prompts, eos, untrained_head, steps, first_position
 ):
     model, _ = base
-    mask = untrained_head.config.mask_token_id
-    drafter = HeadDrafter(untrained_head, BLOCK, mask, 320, steps, first_position)
-    ids = prompts[0]
-    result = speculative_decode(model, drafter, ids, MAX_NEW, BLOCK, eos)
-    assert result.tokens == greedy_decode(model, ids, MAX_NEW, eos).tokens
-    assert 1.0 <= result.tau < 1.5
-    check_rounds(result, len(ids))
+    for ids in prompts:
+        drafter = HeadDrafter(untrained_head, BLOCK, MASK, 320, steps, first_position)
+        result = speculative_decode(model, drafter, ids, MAX_NEW, BLOCK, eos)
+        assert result.tokens == greedy_decode(model, ids, MAX_NEW, eos).tokens
+        assert 1.0 <= result.tau < 1.5
+        committed = [r.accepted + 1 for r in result.rounds]  # no EOS inside a round here
+        assert result.tau == pytest.approx(sum(committed) / len(committed))
+        check_rounds(result, len(ids))
 
 
-def test_head_drafter_runs_k_forwards_and_never_drafts_the_mask(untrained_head):
+def test_head_drafter_runs_k_forwards_and_never_drafts_the_mask(untrained_head, monkeypatch):
     calls = []
+    draft_step = untrained_head.draft_step
 
-    class Counting(torch.nn.Module):
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
+    def counting(new_features, block_ids, start, cache):
+        calls.append((len(new_features), block_ids.clone(), start, len(cache)))
+        return draft_step(new_features, block_ids, start, cache)
 
-        def forward(self, **kwargs):
-            calls.append(kwargs["input_ids"].clone())
-            return self.head(**kwargs)
-
-    mask = untrained_head.config.mask_token_id
-    context = DraftContext(torch.randn(64), bonus_token=7, sequence=[1, 2, 7], num_tokens=BLOCK - 1)
+    monkeypatch.setattr(untrained_head, "draft_step", counting)
+    # two committed positions before the bonus token: their features enter the cache once
+    context = DraftContext(
+        torch.randn(2, 128), bonus_token=7, sequence=[1, 2, 7], num_tokens=BLOCK - 1
+    )
     # Masked positions the head sees at each step: the 3 drafts filled evenly over K steps.
     for steps, masked in ((1, [3]), (2, [3, 1]), (3, [3, 2, 1])):
         calls.clear()
-        drafts = HeadDrafter(Counting(untrained_head), BLOCK, mask, 320, steps).draft(context)
-        assert [int((c == mask).sum()) for c in calls] == masked
-        assert all(c[0, 0] == 7 for c in calls)  # position 0 is the clean bonus token
-        assert len(drafts) == BLOCK - 1 and all(0 <= t < 320 for t in drafts)
+        drafts = HeadDrafter(untrained_head, BLOCK, MASK, 320, steps).draft(context)
+        assert [int((ids == MASK).sum()) for _, ids, _, _ in calls] == masked
+        assert all(ids[0] == 7 for _, ids, _, _ in calls)  # position 0 is the clean bonus token
+        # (new rows, start, cached rows): the context enters the cache at the first step only
+        expected = [(2, 2, 0)] + [(0, 2, 2)] * (steps - 1)
+        assert [(n, start, cached) for n, _, start, cached in calls] == expected
+        assert len(drafts) == BLOCK - 1 and all(0 <= t < 320 and t != MASK for t in drafts)
     with pytest.raises(ValueError, match="denoising_steps"):
-        HeadDrafter(untrained_head, BLOCK, mask, 320, denoising_steps=BLOCK)
+        HeadDrafter(untrained_head, BLOCK, MASK, 320, denoising_steps=BLOCK)
+
+
+def test_a_head_with_a_draft_vocabulary_drafts_only_from_it(debug_model_dir, base, prompts, eos):
+    model, _ = base
+    parts = load_base_model_parts(str(debug_model_dir))
+    draft_vocab = [MASK, *range(0, 300, 3)]  # the mask is in it: it must still never be drafted
+    head = build_head(
+        hidden_size=64, vocab_size=320, mask_token_id=MASK, block_length=BLOCK, feature_layers=LAYERS,
+        num_target_layers=2, base=parts, draft_vocab=draft_vocab,
+    ).eval()  # fmt: skip
+    proposed = []
+
+    class Recording(HeadDrafter):
+        def draft(self, context):
+            drafts = super().draft(context)
+            proposed.extend(drafts)
+            return drafts
+
+    ids = prompts[0]
+    for steps in (1, 3):
+        result = speculative_decode(
+            model, Recording(head, BLOCK, MASK, 320, steps), ids, MAX_NEW, BLOCK, eos
+        )
+        assert result.tokens == greedy_decode(model, ids, MAX_NEW, eos).tokens
+    assert proposed and set(proposed) <= set(draft_vocab) - {MASK}
+
+
+class PartlyRightHeadDrafter(HeadDrafter):
+    """Runs the head (so its cache goes through every round), then proposes the base model's own
+    continuation for the first `pattern[round]` drafts and a wrong token after: rounds accept 0, 1,
+    2 or all drafts, so the cache sees every size of accepted context. Snapshots the cache."""
+
+    def __init__(self, head, reference: list[int], pattern: list[int]):
+        super().__init__(head, BLOCK, MASK, 320)
+        self.reference, self.pattern = reference, pattern
+        self.snapshots: list[dict] = []
+
+    def draft(self, context: DraftContext) -> list[int]:
+        block = torch.full((BLOCK,), MASK)
+        block[0] = context.bonus_token
+        new = context.new_features
+        states = self.head.draft_step(new, block, context.bonus_position, self.cache)
+        self.snapshots.append({
+            "sequence": list(context.sequence),
+            "new": len(new),
+            "states": states,
+            "keys": [k.clone() for k in self.cache.keys],
+            "values": [v.clone() for v in self.cache.values],
+        })  # fmt: skip
+        right = self.pattern[len(self.snapshots) % len(self.pattern)]
+        position = len(context.sequence)
+        drafts = self.reference[position : position + context.num_tokens]
+        if right < len(drafts):
+            drafts[right] = (drafts[right] + 1) % 320  # the rest of the block cannot count
+        return drafts
+
+
+def test_draft_cache_after_rollbacks_equals_a_recompute(base, prompts, eos, untrained_head):
+    """After each round the draft cache holds exactly the committed context (never a rejected
+    draft, never the block): the keys/values a fresh cache computes from all of it at once."""
+    model, _ = base
+    ids = prompts[1]
+    greedy = greedy_decode(model, ids, MAX_NEW, eos).tokens
+    drafter = PartlyRightHeadDrafter(untrained_head, [*ids, *greedy], pattern=[0, 1, 2, 3, 1])
+    result = speculative_decode(model, drafter, ids, MAX_NEW, BLOCK, eos)
+    assert result.tokens == greedy
+    check_rounds(result, len(ids))
+    assert {r.accepted for r in result.rounds} == {0, 1, 2, 3}
+    # each round's new context is the previous round's bonus and accepted drafts
+    accepted = [r.accepted + 1 for r in result.rounds[:-1]]
+    assert [s["new"] for s in drafter.snapshots] == [len(ids), *accepted]
+
+    for snapshot in drafter.snapshots:
+        sequence = snapshot["sequence"]
+        start = len(sequence) - 1  # the bonus token's position
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([sequence[:start]]), output_hidden_states=True)
+        features = torch.cat([out.hidden_states[i][0] for i in LAYERS], dim=-1)
+        block = torch.full((BLOCK,), MASK)
+        block[0] = sequence[-1]
+        fresh = DraftCache(untrained_head.config.num_hidden_layers)
+        states = untrained_head.draft_step(features, block, start, fresh)
+        assert len(fresh) == start == snapshot["keys"][0].shape[-2]
+        for layer in range(len(fresh.keys)):
+            torch.testing.assert_close(
+                snapshot["keys"][layer], fresh.keys[layer], rtol=0, atol=1e-5
+            )
+            torch.testing.assert_close(
+                snapshot["values"][layer], fresh.values[layer], rtol=0, atol=1e-5
+            )
+        torch.testing.assert_close(snapshot["states"], states, rtol=0, atol=1e-5)
+        # ... and the decoding forward is the training forward for that block
+        with torch.no_grad():
+            trained = untrained_head(
+                in_hidden_states=features[None], input_ids=block[None, None],
+                anchors=torch.tensor([[start - 1]]),
+            ).hidden_states  # fmt: skip
+        torch.testing.assert_close(snapshot["states"], trained[0, 0], rtol=0, atol=1e-5)
 
 
 def test_eos_inside_accepted_drafts_ends_the_output(base, prompts, eos):
@@ -188,7 +299,7 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     drafter = PromptLookupDrafter(max_ngram=3)
 
     def draft(sequence, n=3):
-        return drafter.draft(DraftContext(torch.zeros(1), sequence[-1], sequence, n))
+        return drafter.draft(DraftContext(None, sequence[-1], sequence, n))
 
     assert draft([1, 2, 3, 4, 9, 8, 1, 2, 3]) == [4, 9, 8]
     assert draft([5, 2, 3, 6, 1, 2, 3, 7, 0, 2, 3]) == [7, 0, 2]  # latest of two matches

@@ -15,7 +15,15 @@ import torch
 from dmtp.cli import run_command
 from dmtp.config import DataConfig, TrainConfig
 from dmtp.synthetic import write_synthetic_store
-from dmtp.train import draft_counts, summarize_draft_counts, train
+from dmtp.train import (
+    count_blocks,
+    diffusion_loss,
+    draft_counts,
+    make_dataloaders,
+    plan_training,
+    summarize_draft_counts,
+    train,
+)
 
 HIDDEN, VOCAB = 32, 16
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
@@ -123,15 +131,16 @@ def test_tiny_head_overfits_a_tiny_store(tmp_path):
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last <= 0.1 * first, (first, last)
 
-    from dmtp.data import create_dataloaders
-    from dmtp.head import MTPHeadModel
+    from dmtp.head import load_head
 
-    head = MTPHeadModel.from_pretrained(result.final_dir).eval()
-    loader, _, _ = create_dataloaders(store, block_length=3, batch_size=48, train_ratio=1.0)
+    head = load_head(result.final_dir).eval()  # its own vocabulary: the store names no base model
+    assert head.config.owns_vocabulary and head.config.feature_layers == [-1]
+    train_dl, _ = make_dataloaders(config, plan_training(config), rank=0, world_size=1)
     counts: dict[str, torch.Tensor] = {}
-    for batch in loader:
-        for key, value in draft_counts(head, batch, head.config.mask_token_id).items():
+    for batch in train_dl:
+        for key, value in draft_counts(head, head, batch, head.config.mask_token_id).items():
             counts[key] = counts.get(key, 0) + value
+    assert counts["tau_count"].item() == 44  # 22 full blocks of 3 in each 24-row sequence
     metrics = summarize_draft_counts(counts, prefix="")
     assert metrics["draft_accuracy"] >= 0.95, metrics
     assert metrics["tau"] >= 2.9, metrics  # τ <= L = 3
@@ -190,6 +199,8 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(tiny_store, tracking_
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "dmtp.train", *_cli_flags(config), "--check_replicas_steps=1",
+        # validation takes whole sequences, an equal number per rank: 2 of the 8, one each
+        "--train_ratio=0.75",
     ]  # fmt: skip
     process = subprocess.run(
         command, env=_subprocess_env(), capture_output=True, text=True, timeout=240
@@ -232,13 +243,13 @@ def test_final_head_gives_the_trained_models_logits(tiny_store, tmp_path):
 
     a = MTPHeadModel.from_pretrained(result.final_dir).eval()
     b = load_head(tmp_path / "out" / "final").eval()
-    hidden = torch.randn(5, HIDDEN)
+    hidden = torch.randn(5, 7, HIDDEN)  # 7 context rows of the final state
     ids = torch.full((5, 4), VOCAB)
+    ids[:, 0] = torch.arange(5)
     with torch.no_grad():
-        assert torch.equal(
-            a(in_hidden_states=hidden, input_ids=ids).logits,
-            b(in_hidden_states=hidden, input_ids=ids).logits,
-        )
+        logits = a(in_hidden_states=hidden, input_ids=ids).logits
+        assert logits.shape == (5, 4, VOCAB + 1)  # its own vocabulary plus the mask row
+        assert torch.equal(logits, b(in_hidden_states=hidden, input_ids=ids).logits)
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["step"] == 3
 
@@ -262,8 +273,17 @@ def _corrupt_hidden_states(store: Path) -> None:
             [f"--hidden_size={HIDDEN + 1}"],
             f"--hidden_size {HIDDEN + 1} != the store's hidden size {HIDDEN}",
         ),
-        (["--vocab_size=8"], "--vocab_size 8 is too small: the store"),
-        (["--mask_token_id=3", "--vocab_size=16"], "--mask_token_id 3 occurs as a real token"),
+        (["--vocab_size=8"], "--vocab_size 8 is smaller than the store's vocabulary 16"),
+        (["--mask_token_id=17"], "--mask_token_id 17 is outside the vocabulary [0, 17)"),
+        (["--feature_layers=5"], "--feature_layers 5: layer(s) [5] not in the store"),
+        (["--feature_layers=2,x"], "--feature_layers '2,x': use auto, last, or layer indices"),
+        (["--context_window=0"], "context_window must be >= 1, got 0"),
+        (["--position_decay=-1"], "position_decay must be >= 0, got -1"),
+        (["--init_from_base"], "--init_from_base needs a base model"),
+        (
+            ["--model_name_or_path={debug_model}"],
+            "not a dmtp head; pass a base model as --base_model_path",
+        ),
         (["--train_data_dir={tmp}/nowhere"], "no such store"),
         (["--train_data_dir={corrupt}"], "fails validation"),
     ],
@@ -271,19 +291,29 @@ def _corrupt_hidden_states(store: Path) -> None:
         "block_length",
         "hidden_size",
         "vocab",
-        "mask_collision",
+        "mask_outside",
+        "feature_layers",
+        "feature_layers_syntax",
+        "context_window",
+        "position_decay",
+        "init_without_base",
+        "base_as_head",
         "missing_store",
         "corrupt_store",
     ],
 )
-def test_bad_configuration_stops_before_training(tiny_store, tmp_path, capsys, flags, expected):
+def test_bad_configuration_stops_before_training(
+    tiny_store, tmp_path, capsys, debug_model_dir, flags, expected
+):
     corrupt = tmp_path / "corrupt"
     if any("{corrupt}" in flag for flag in flags):
         write_synthetic_store(
             corrupt, sequence_lengths=[24] * 4, hidden_size=HIDDEN, vocab_size=VOCAB
         )
         _corrupt_hidden_states(corrupt)
-    flags = [flag.format(tmp=tmp_path, corrupt=corrupt) for flag in flags]
+    flags = [
+        flag.format(tmp=tmp_path, corrupt=corrupt, debug_model=debug_model_dir) for flag in flags
+    ]
     argv = [
         f"--train_data_dir={tiny_store}",
         f"--output_dir={tmp_path / 'out'}",
@@ -357,19 +387,56 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
         load_state_dict(tmp_path / "forged")
 
 
-def test_head_from_a_base_model_keeps_its_frozen_embedding_and_lm_head(debug_model_dir, tmp_path):
-    from dmtp.head import MTPHeadModel, load_base_model_parts
+def test_head_from_a_base_model_borrows_its_embedding_and_lm_head(debug_model_dir, tmp_path):
+    import numpy as np
+    from safetensors import safe_open
+
+    from dmtp.head import load_base_model_parts, load_head
+    from dmtp.store import open_store
 
     store = tmp_path / "data"
     write_synthetic_store(store, sequence_lengths=[20] * 4, hidden_size=64, vocab_size=320)
     config = _config(store, tmp_path / "out", max_steps=3, base_model_path=str(debug_model_dir))
+    plan = plan_training(config)
+    # the mask is the largest token id the base model never output in the store
+    outputs = np.concatenate([np.asarray(s.array("tokens")[:]) for s in open_store(store).shards()])
+    unused = sorted(set(range(320)) - set(outputs.tolist()))
+    assert (plan.vocab_size, plan.mask_token_id) == (320, unused[-1])
+
     result = train(config)
-    head = MTPHeadModel.from_pretrained(result.final_dir)
+    with safe_open(result.final_dir / "model.safetensors", framework="pt") as handle:
+        names = set(handle.keys())
+    assert not any("embed" in n or "lm_head" in n for n in names)  # borrowed, never saved
+    head = load_head(result.final_dir)
     base = load_base_model_parts(str(debug_model_dir))
-    assert torch.equal(head.embed_tokens.weight[:320], base.embeddings)
-    assert torch.equal(head.lm_head.weight[:320], base.lm_head)
+    assert not head.config.owns_vocabulary and head.config.vocab_size == 320
+    assert head.config.mask_token_id == plan.mask_token_id
     assert head.config.base_model["fingerprint"] == base.identity["fingerprint"]
-    assert type(head.layers[0]).__name__ == "Qwen2DecoderLayer"
+    assert head.config.num_target_layers == 2 and head.config.feature_layers == [-1]
+    head.attach_base(base.embeddings, base.lm_head)
+    states = head(in_hidden_states=torch.randn(2, 5, 64), input_ids=torch.full((2, 4), 7))
+    torch.testing.assert_close(states.logits, states.hidden_states[:, 0] @ base.lm_head.T)
+
+
+def test_init_from_base_starts_the_draft_layer_from_the_last_base_layer(debug_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from dmtp.train import build_or_load_head
+
+    store = tmp_path / "data"
+    write_synthetic_store(store, sequence_lengths=[20] * 2, hidden_size=64, vocab_size=320)
+    config = _config(
+        store, tmp_path / "out", base_model_path=str(debug_model_dir), init_from_base=True
+    )
+    head = build_or_load_head(config, plan_training(config))
+    weights = load_file(str(debug_model_dir / "model.safetensors"))
+    for name in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.up_proj.weight"):
+        assert torch.equal(head.layers[0].get_parameter(name), weights[f"model.layers.1.{name}"])
+    config.init_from_base = False
+    fresh = build_or_load_head(config, plan_training(config))
+    assert not torch.equal(
+        fresh.layers[0].mlp.up_proj.weight, weights["model.layers.1.mlp.up_proj.weight"]
+    )
 
 
 def test_base_model_other_than_the_stores_is_refused(debug_model_dir, tmp_path, capsys):
@@ -414,6 +481,17 @@ def test_the_original_guides_command_lines_parse():
     assert (config.vocab_size, config.hidden_size, config.mask_token_id) == (151936, 3584, 151935)
     assert config.data.max_samples == 100 and config.data.train_ratio == 0.9
     assert config.time_epsilon == 0.01 and config.deepspeed.endswith("zero2.json")
+    assert config.objective == "decode" and config.feature_layers == "auto"  # the defaults
+    dflash = (
+        "--train_data_dir data --output_dir out --feature_layers 2,15,28 --context_window 512 "
+        "--objective decode_all --position_decay 7 --init_from_base --anchors_per_sequence 32 "
+        "--max_sequence_rows 1024"
+    )
+    config = config_from_args(TrainConfig, parser.parse_args(dflash.split()))
+    assert config.feature_layers == "2,15,28" and config.context_window == 512
+    assert config.objective == "decode_all"
+    assert config.position_decay == 7.0 and config.init_from_base
+    assert (config.data.anchors_per_sequence, config.data.max_sequence_rows) == (32, 1024)
 
 
 def test_allow_incomplete_trains_on_the_committed_rows_of_an_interrupted_store(tmp_path):
@@ -439,3 +517,139 @@ def test_allow_incomplete_trains_on_the_committed_rows_of_an_interrupted_store(t
     strict.data.allow_incomplete = False
     with pytest.raises(DmtpError):
         validate_before_training(strict, plan_training(strict))
+
+
+# ----------------------------------------------------------------------------------------------
+# the step functions on anchored batches
+
+
+class LogitsAreStates(torch.nn.Module):
+    """A stand-in head whose LM head is the identity: the states it is given are the logits."""
+
+    def compute_logits(self, states: torch.Tensor) -> torch.Tensor:
+        return states
+
+    draft_logits = compute_logits  # no draft vocabulary: every token may be drafted
+
+    def draft_token_ids(self, device=None) -> None:
+        return None
+
+    def to_draft_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels
+
+
+def test_draft_counts_score_greedy_one_step_drafts():
+    labels = torch.tensor([[
+        [5, 1, 2, 3],                # full block: drafts right, wrong, right -> τ = 2
+        [6, 4, 0, -100],             # not full: per-position counts only
+        [-100, -100, -100, -100],    # padding
+    ]])  # fmt: skip
+    predicted = torch.tensor([[[0, 1, 9, 3], [0, 4, 0, 0], [0, 0, 0, 0]]])
+    seen = {}
+
+    def model(**kwargs):
+        seen.update(kwargs)
+        logits = torch.nn.functional.one_hot(predicted, 10).float()
+        return type("Out", (), {"hidden_states": logits})()
+
+    batch = {
+        "labels": labels,
+        "anchors": torch.tensor([[3, 8, -1]]),
+        "context_features": torch.zeros(1, 10, 1, 4),
+        "context_mask": torch.ones(1, 10, dtype=torch.bool),
+    }
+    counts = draft_counts(model, LogitsAreStates(), batch, mask_token_id=9)
+    # the model saw what decoding sees: the bonus token, then MASK
+    assert seen["input_ids"].tolist() == [[[5, 9, 9, 9], [6, 9, 9, 9], [0, 9, 9, 9]]]
+    assert seen["anchors"] is batch["anchors"] and seen["with_logits"] is False
+    assert counts["valid"].tolist() == [2, 2, 2, 1]
+    assert counts["correct"].tolist() == [2, 2, 1, 1]
+    assert (counts["tau_sum"].item(), counts["tau_count"].item()) == (2, 1)
+    metrics = summarize_draft_counts(counts, prefix="")
+    assert metrics == {
+        "accuracy_pos1": 1.0, "accuracy_pos2": 0.5, "accuracy_pos3": 1.0, "draft_accuracy": 0.8, "tau": 2.0,
+    }  # fmt: skip
+    assert count_blocks(batch) == 2
+
+
+@pytest.mark.parametrize("objective", ["decode", "decode_all", "seed"])
+def test_diffusion_loss_feeds_the_objectives_blocks_and_replays_from_the_generator(
+    tiny_store, tmp_path, objective
+):
+    from dmtp.head import build_head
+    from dmtp.schedules import get_schedule
+
+    config = _config(tiny_store, tmp_path / "out", objective=objective)
+    plan = plan_training(config)
+    train_dl, _ = make_dataloaders(config, plan, rank=0, world_size=1)
+    batch = next(iter(train_dl))
+    assert count_blocks(batch) <= config.per_device_train_batch_size
+    head = build_head(
+        hidden_size=HIDDEN, vocab_size=plan.vocab_size, mask_token_id=plan.mask_token_id,
+        block_length=4, feature_layers=plan.feature_layers, num_target_layers=-1,
+    )  # fmt: skip
+    fed = []
+
+    def model(**kwargs):
+        fed.append(kwargs["input_ids"])
+        return head(**kwargs)
+
+    def loss(seed: int) -> torch.Tensor:
+        return diffusion_loss(
+            model, head, batch, schedule=get_schedule("linear"), loss_weight_type="scheduler",
+            time_epsilon=1e-3, mask_token_id=plan.mask_token_id, objective=objective,
+            position_decay=0.0, generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+
+    first = loss(0)
+    assert torch.isfinite(first) and first.item() > 0
+    assert loss(0).item() == first.item()
+    if objective != "decode_all":  # decode_all's block is always the same: nothing is drawn
+        assert loss(1).item() != first.item()
+    ids, labels = fed[0], batch["labels"]
+    real = labels != -100
+    clean = ids == labels
+    masked = ids == plan.mask_token_id
+    assert (clean | masked)[real].all() and masked[~real].all()
+    if objective != "seed":
+        assert clean[..., 0][real[..., 0]].all()  # the bonus token is always given
+    if objective == "decode_all":
+        assert masked[..., 1:].all()
+    first.backward()
+    assert head.fc.weight.grad.abs().sum() > 0
+
+
+def test_draft_vocabulary_is_the_most_frequent_outputs_without_the_mask(tiny_store, tmp_path):
+    import numpy as np
+
+    from dmtp.store import open_store
+    from dmtp.train import draft_vocabulary
+
+    counts = np.array([5, 9, 9, 1, 0, 7, 9])
+    assert draft_vocabulary(counts, 3, mask_token_id=6) == [1, 2, 5]  # 6 is frequent, but the mask
+    assert draft_vocabulary(counts, 3, mask_token_id=1) == [2, 5, 6]
+    assert draft_vocabulary(counts, 0, 6) is None and draft_vocabulary(counts, 7, 6) is None
+
+    plan = plan_training(_config(tiny_store, tmp_path / "out", draft_vocab_size=8))
+    outputs = np.concatenate(
+        [np.asarray(s.array("tokens")[:]) for s in open_store(tiny_store).shards()]
+    )
+    frequency = np.bincount(outputs, minlength=VOCAB)
+    chosen = plan.draft_vocab
+    assert len(chosen) == 8 and chosen == sorted(chosen) and plan.mask_token_id not in chosen
+    others = [i for i in range(VOCAB) if i not in chosen]
+    assert min(frequency[chosen]) >= max(frequency[others])
+    assert plan_training(_config(tiny_store, tmp_path / "out")).draft_vocab is None
+
+
+def test_per_device_batch_size_counts_blocks(tiny_store, tmp_path):
+    config = _config(
+        tiny_store, tmp_path / "out", per_device_train_batch_size=12,
+        data=DataConfig(anchors_per_sequence=4),
+    )  # fmt: skip
+    train_dl, val_dl = make_dataloaders(config, plan_training(config), rank=0, world_size=1)
+    batches = list(train_dl)
+    assert len(batches) == len(train_dl) == 3  # 7 training sequences, 3 a batch
+    assert all(b["anchors"].shape == (len(b["anchors"]), 4) for b in batches)
+    assert [count_blocks(b) for b in batches] == [12, 12, 4]
+    assert sum(count_blocks(b) for b in val_dl) == 4  # the one validation sequence

@@ -48,15 +48,20 @@ def machine() -> str:
 
 
 def untrained_like(head_drafter: HeadDrafter, base_model_path: str | None) -> HeadDrafter:
-    """A fresh head of the trained one's shape: base-initialised embedding and LM head, random layers."""
+    """A fresh head of the trained one's shape: the same base embedding and LM head (or, for a head
+    of its own vocabulary, random ones), the same feature layers, random layers."""
     config = head_drafter.head.config
     head = build_head(
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
         mask_token_id=config.mask_token_id,
         block_length=config.block_length,
+        feature_layers=config.feature_layers,
+        num_target_layers=config.num_target_layers,
+        context_window=config.context_window,
         num_hidden_layers=config.num_hidden_layers,
-        base=load_base_model_parts(base_model_path),
+        draft_vocab=config.draft_vocab,
+        base=None if config.owns_vocabulary else load_base_model_parts(base_model_path),
     )
     head.to(device=head_drafter.device, dtype=head_drafter.dtype).eval()
     return HeadDrafter(
@@ -72,9 +77,11 @@ def debug_setup(folder: Path, block_length: int) -> tuple[str, str]:
     parts = load_base_model_parts(str(model))
     head = build_head(
         hidden_size=parts.embeddings.shape[1],
-        vocab_size=parts.vocab_size + 1,
-        mask_token_id=parts.vocab_size,
+        vocab_size=parts.vocab_size,
+        mask_token_id=parts.vocab_size - 1,
         block_length=block_length,
+        feature_layers=[1, parts.num_hidden_layers],
+        num_target_layers=parts.num_hidden_layers,
         base=parts,
     )
     head.save_pretrained(folder / "head")
