@@ -320,13 +320,9 @@ class HeadDrafter:
         """Head logits `[L, V_draft]` over tokens it may draft, and their token ids (None: index = id)."""
         ids = self.head.draft_token_ids(states.device)
         logits = self.head.draft_logits(states).float()
-        if ids is None:
-            logits = logits[:, : self.base_vocab_size]
-            if self.mask_token_id < self.base_vocab_size:
-                logits[:, self.mask_token_id] = -math.inf
-        else:
-            logits[:, ids == self.mask_token_id] = -math.inf
-        return logits, ids
+        # An own-vocabulary head's extra mask row is no base token. A borrowed mask id is a real
+        # token and may be drafted, as dflash_generate does.
+        return (logits[:, : self.base_vocab_size] if ids is None else logits), ids
 
     @torch.inference_mode()
     def draft(self, context: DraftContext) -> list[int]:

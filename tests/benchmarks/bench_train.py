@@ -55,6 +55,7 @@ SHAPES = {
     },
 }
 BLOCK_LENGTH = 4
+ROWS, ANCHORS = 256, 64  # the anchored layout: rows of context and blocks per sequence
 
 
 def machine(device: str) -> str:
@@ -79,44 +80,80 @@ def machine(device: str) -> str:
     return text
 
 
-def run_case(shape_name: str, batch_size: int, frozen: bool, device: str, steps: int) -> dict:
-    """Time `steps` training steps after 2 warm-up steps; returns the figures as a dict."""
+def head_flops(shape: dict, rows: int, anchors: int, features: int, draft_vocab: int) -> float:
+    """Forward FLOPs of one training sequence (multiply-adds x 2): fc, one layer, the LM head rows
+    the loss reads (L - 1 per block), attention over the context and the block."""
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim = shape.get("head_dim", hidden // heads)
+    queries = anchors * BLOCK_LENGTH
+    keys = rows + queries
+    flops = 2 * rows * features * hidden * hidden  # fc
+    flops += 2 * queries * hidden * heads * head_dim * 2  # q, o
+    flops += 2 * keys * hidden * kv_heads * head_dim * 2  # k, v
+    flops += 2 * queries * hidden * inter * 3  # gated MLP
+    flops += 2 * queries * keys * heads * head_dim * 2  # scores and values (dense mask)
+    flops += 2 * anchors * (BLOCK_LENGTH - 1) * hidden * draft_vocab  # LM head
+    return float(flops)
+
+
+def run_case(
+    shape_name: str, blocks: int, layout: str, draft_vocab: int, device: str, steps: int
+) -> dict:
+    """Time `steps` training steps after 2 warm-up steps; returns the figures as a dict.
+
+    layout `seed`: the guide's head (one position of context: the final state) and one block per
+    example; `anchored`: sequences of ROWS rows, 4 feature layers, ANCHORS blocks per sequence,
+    as `dmtp train` packs them by default.
+    """
     import torch
 
     from dmtp.head import MTPHeadConfig, MTPHeadModel
-    from dmtp.loss import loss_weights, masked_diffusion_loss, noised_input_ids, sample_masking
     from dmtp.schedules import get_schedule
+    from dmtp.train import diffusion_loss
 
     shape = dict(SHAPES[shape_name])
     vocab = shape.pop("vocab_size")
+    seed = layout == "seed"
+    rows, anchors, features = (1, 1, 1) if seed else (ROWS, ANCHORS, 4)
+    sequences = max(1, blocks // anchors)
     config = MTPHeadConfig(
         hidden_size=shape["hidden_size"],
-        vocab_size=vocab + 1,
-        mask_token_id=vocab,
+        vocab_size=vocab,
+        mask_token_id=vocab - 1,
         block_length=BLOCK_LENGTH,
         num_hidden_layers=1,
+        feature_layers=list(range(features)),
+        context_window=1 if seed else None,
         decoder_config=shape,
+        draft_vocab=list(range(draft_vocab)) if draft_vocab < vocab else None,
     )
     torch.manual_seed(0)
-    with torch.device(device):  # initialise on the device: a 7B-shape vocabulary is 1.1 G weights
+    with torch.device(device):  # a 7B-shape LM head is 0.5 G weights: make it on the device
         head = MTPHeadModel(config)
-    head.freeze_base_weights(embeddings=frozen, lm_head=frozen)
+        embeddings = torch.randn(vocab, config.hidden_size) * 0.02
+    head.attach_base(embeddings, embeddings)
     head.train()
-    parameters = [p for p in head.parameters() if p.requires_grad]
+    parameters = list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=device == "cuda")
     schedule = get_schedule("linear")
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(batch_size, config.hidden_size, device=device)
-    labels = torch.randint(0, vocab, (batch_size, BLOCK_LENGTH), device=device)
+    batch = {
+        "context_features": torch.randn(
+            sequences, rows, features, config.hidden_size, device=device
+        ),
+        "context_mask": torch.ones(sequences, rows, dtype=torch.bool, device=device),
+        "anchors": torch.sort(torch.randint(0, rows, (sequences, anchors), device=device)).values,
+        "labels": torch.randint(0, vocab, (sequences, anchors, BLOCK_LENGTH), device=device),
+    }
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
     def step() -> float:
-        t, masked = sample_masking(labels, schedule, 1e-3, generator)
         with autocast:
-            logits = head(
-                in_hidden_states=hidden, input_ids=noised_input_ids(labels, masked, vocab)
-            ).logits
-        loss = masked_diffusion_loss(logits, labels, masked, loss_weights(schedule, t, "scheduler"))
+            loss = diffusion_loss(
+                head, head, batch, schedule=schedule, loss_weight_type="scheduler",
+                time_epsilon=1e-3, mask_token_id=vocab - 1, objective="decode_all",
+                position_decay=0.0, generator=torch.Generator().manual_seed(0),
+            )  # fmt: skip
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -137,14 +174,17 @@ def run_case(shape_name: str, batch_size: int, frozen: bool, device: str, steps:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    # training = forward + backward (about twice the forward)
+    flops = 3 * sequences * head_flops(SHAPES[shape_name], rows, anchors, features, draft_vocab)
     return {
         "shape": shape_name,
-        "batch_size": batch_size,
-        "frozen_embedding_and_lm_head": frozen,
+        "layout": layout,
+        "blocks": sequences * anchors,
+        "draft_vocab": draft_vocab,
         "trainable_parameters_m": sum(p.numel() for p in parameters) / 1e6,
-        "total_parameters_m": sum(p.numel() for p in head.parameters()) / 1e6,
         "seconds_per_step": seconds,
-        "examples_per_second": batch_size / seconds,
+        "examples_per_second": sequences * anchors / seconds,
+        "tflops_per_second": flops / seconds / 1e12,
         "peak_memory_gib": peak,
     }
 
@@ -160,7 +200,11 @@ def main() -> None:
         "--steps", type=int, default=None, help="timed steps (default 20 GPU, 5 CPU)"
     )
     parser.add_argument(
-        "--trainable", action="store_true", help="also with embedding/LM head trained"
+        "--draft_vocab",
+        nargs="*",
+        type=int,
+        default=None,
+        help="draft vocabulary sizes (default: full, 8192)",
     )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case
@@ -173,23 +217,23 @@ def main() -> None:
     )
     steps = args.steps or (20 if device == "cuda" else 5)
     if args.case:
-        shape, batch, frozen = args.case.split(":")
-        print(json.dumps(run_case(shape, int(batch), frozen == "1", device, steps)))
+        shape, blocks, layout, draft_vocab = args.case.split(":")
+        print(json.dumps(run_case(shape, int(blocks), layout, int(draft_vocab), device, steps)))
         return
 
     cases = []
     for shape in args.shapes:
-        batches = args.batch_sizes or (
-            [32] if shape == "smollm2-135m" else [4] if device == "cpu" else [4, 32]
+        vocab = SHAPES[shape]["vocab_size"]
+        blocks_list = args.batch_sizes or (
+            [256] if shape == "smollm2-135m" else [64 if device == "cpu" else 1024]
         )
-        if device == "cuda" and not args.batch_sizes:
-            batches = [32, 256] if shape == "smollm2-135m" else [4, 32, 256]
-        for batch in batches:
-            for frozen in [True, False] if args.trainable else [True]:
-                cases.append(f"{shape}:{batch}:{int(frozen)}")
+        for blocks in blocks_list:
+            for layout in ("seed", "anchored"):
+                for draft_vocab in args.draft_vocab or [vocab, 8192]:
+                    cases.append(f"{shape}:{blocks}:{layout}:{min(draft_vocab, vocab)}")
 
     print(f"machine: {machine(device)}; device {device}; {steps} timed steps after 2 warm-up")
-    header = f"{'shape':<14}{'batch':>6}{'emb/LM head':>13}{'trainable M':>13}{'s/step':>10}{'examples/s':>12}{'peak GiB':>10}"
+    header = f"{'shape':<14}{'layout':>9}{'blocks':>7}{'draft V':>8}{'s/step':>9}{'blocks/s':>10}{'TFLOP/s':>9}{'peak GiB':>9}"
     print(header)
     results = []
     for case in cases:
@@ -211,10 +255,9 @@ def main() -> None:
         result = json.loads(process.stdout.strip().splitlines()[-1])
         results.append(result)
         print(
-            f"{result['shape']:<14}{result['batch_size']:>6}"
-            f"{'frozen' if result['frozen_embedding_and_lm_head'] else 'trained':>13}"
-            f"{result['trainable_parameters_m']:>13.1f}{result['seconds_per_step']:>10.4f}"
-            f"{result['examples_per_second']:>12.1f}{result['peak_memory_gib']:>10.2f}",
+            f"{result['shape']:<14}{result['layout']:>9}{result['blocks']:>7}{result['draft_vocab']:>8}"
+            f"{result['seconds_per_step']:>9.3f}{result['examples_per_second']:>10.1f}"
+            f"{result['tflops_per_second']:>9.3f}{result['peak_memory_gib']:>9.2f}",
             flush=True,
         )
     if args.json:
