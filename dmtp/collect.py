@@ -5,13 +5,19 @@
 
 For every position l of every sequence we store the input token, the last-layer hidden state h_l
 (`hidden_states[-1]`, after the final norm), the states of a few more base layers for multi-layer
-heads (`--feature_layers`, DESIGN §3) and the token the model outputs there, t_l. Chat prompts are
-answered by batched, left-padded generation; the states are captured by forward hooks on the
-decoder and the chosen decoder layers while `generate` runs (not by asking generate for every
-layer, not by a second pass). Plain-text documents are teacher-forced in one forward.
+heads (`--feature_layers`, DESIGN §3) and the token the model outputs there, t_l. The states are
+captured by forward hooks on the decoder and the chosen decoder layers while the model runs (not
+by asking for every layer, not by a second pass). Plain-text documents are teacher-forced in one
+forward.
 
-Resumable: rows are committed at batch boundaries, so after a kill `--resume` redoes at most the
-batches since the last flushed shard file, in the same batch composition, and skips finished shards.
+Chat prompts are answered in runs of RUN_BATCHES batches, sorted by length within a run. Within a
+run `batch_size` rows generate at once and a row whose answer has ended takes the next prompt
+(`dmtp.generation.RefillGenerator`), so no row idles while the batch's longest answer finishes;
+models whose KV cache that cannot edit (sliding-window layers) fall back to batched `generate`.
+
+Resumable: rows are committed at run (or batch) boundaries, so after a kill `--resume` redoes at
+most the runs since the last flushed shard file, exactly as they were composed, and skips finished
+shards.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import re
 import shutil
 import sys
 import time
@@ -34,8 +41,9 @@ from tqdm import tqdm
 from dmtp import __version__
 from dmtp.cli import add_config_arguments, config_from_args
 from dmtp.config import CollectConfig
-from dmtp.errors import DmtpError, InputDataError, StoreError
-from dmtp.models import BaseModel, load_base_model
+from dmtp.errors import InputDataError, StoreError
+from dmtp.generation import Finished, HiddenStateCapture, RefillGenerator, refill_supported
+from dmtp.models import BaseModel, load_base_model, resolve_device
 from dmtp.prompts import Prompt, PromptFileInfo, iter_prompts, scan_prompts
 from dmtp.store import (
     SequenceRows,
@@ -53,6 +61,12 @@ from dmtp.store import (
 LOGITS_ROWS = (
     256  # rows per LM-head matmul when taking argmax over prompt positions (bounds memory)
 )
+# Prompts are collected in runs of this many batches: sorted by length within a run (so batches
+# pad little), answered by refilled batch rows within a run (dmtp.generation), and committed at the
+# run's end. A longer run wastes less at its end, where its last answers finish with few rows busy,
+# but a kill loses more; runs rather than the whole shard, so --max_samples still takes prompts
+# from across the file, not only the shortest ones.
+RUN_BATCHES = 8
 
 
 @dataclass
@@ -105,6 +119,26 @@ def check_prompt_lengths(path: Path, base: BaseModel) -> tuple[int, float]:
             )
         total, count = total + n, count + 1
     return count, total / max(count, 1)
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """True on CPUs with bfloat16 instructions (avx512_bf16, amx_bf16), where oneDNN runs bf16
+    matmuls natively: SmolLM2-135M generates ~2x faster in bf16 than in fp32 there (DESIGN §7).
+    Elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to ask, keep float32
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+def collection_dtype(dtype: str, device: str) -> str:
+    """`--dtype auto` for collection: bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda") or (device == "cpu" and cpu_has_native_bfloat16()):
+        return "bfloat16"
+    return "float32"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,78 +276,6 @@ def check_disk_space(
 # running the model
 
 
-def decoder_layers(model: Any) -> Any:
-    """The ModuleList of decoder layers (`model.model.layers` for Llama, Qwen, Mistral, ...)."""
-    count = model.config.get_text_config().num_hidden_layers
-    layers = getattr(model.base_model, "layers", None)
-    if isinstance(layers, torch.nn.ModuleList) and len(layers) == count:
-        return layers
-    for _, module in model.base_model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
-    raise DmtpError(
-        f"cannot find the {count} decoder layers of {type(model).__name__} to capture feature "
-        "layers from; pass --feature_layers none to store the final state only"
-    )
-
-
-class HiddenStateCapture:
-    """Forward hooks that keep, for every forward while they are installed, the final state and
-    the states of the chosen feature layers.
-
-    The decoder stack's `last_hidden_state` is `hidden_states[-1]` (after the final norm) for every
-    HF causal LM. Feature layer i (`output_hidden_states` numbering) is the output of decoder layer
-    i - 1; layer 0 is the input of decoder layer 0, which is what transformers records as
-    `hidden_states[0]` (the embeddings, after any scaling a model applies to them). The hooks see
-    each generation step once: the prefill `[B, P, H]`, then `[B, 1, H]` per new token.
-    """
-
-    def __init__(self, model: Any, progress: tqdm | None = None, layers: tuple[int, ...] = ()):
-        self.decoder = model.base_model
-        self.layers = layers  # feature layers, without the final state
-        self.modules = decoder_layers(model) if layers else []
-        self.states: list[torch.Tensor] = []
-        self.layer_states: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-        self.progress = progress
-
-    def __enter__(self) -> HiddenStateCapture:
-        self.handles = [self.decoder.register_forward_hook(self._hook)]
-        for i in self.layers:
-            module = self.modules[max(i - 1, 0)]
-            self.handles.append(module.register_forward_hook(self._layer_hook(i), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def _hook(self, module: Any, args: Any, output: Any) -> None:
-        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        self.states.append(hidden.detach())
-        if self.progress is not None:
-            self.progress.update(hidden.shape[0] if hidden.shape[1] == 1 else 0)
-
-    def _layer_hook(self, layer: int) -> Any:
-        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
-            if layer == 0:
-                hidden = args[0] if args else kwargs["hidden_states"]
-            else:
-                hidden = output[0] if isinstance(output, tuple) else output
-            self.layer_states[layer].append(hidden.detach())
-
-        return hook
-
-    def stacked(self) -> torch.Tensor:
-        """`[B, positions, H]`: the final state of all forwards so far."""
-        return torch.cat(self.states, dim=1)
-
-    def stacked_layers(self) -> torch.Tensor | None:
-        """`[B, positions, n, H]`: the feature layers' states (None without feature layers)."""
-        if not self.layers:
-            return None
-        return torch.stack([torch.cat(self.layer_states[i], dim=1) for i in self.layers], dim=2)
-
-
 def lm_head_argmax(model: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     """Greedy tokens `[T]` for hidden states `[T, H]`, a few hundred rows of logits at a time."""
     head = model.get_output_embeddings()
@@ -410,6 +372,29 @@ def generate_batch(
 
 
 @torch.no_grad()
+def answer_rows(base: BaseModel, answer: Finished) -> SequenceRows:
+    """The rows of one sequence answered by `RefillGenerator` (prompt + response)."""
+    prompt_len = len(answer.prompt_ids)
+    hidden = answer.states[:, 0]  # [prompt_len + new tokens - 1, H]
+    layer_states = answer.states[:, 1:] if answer.states.shape[1] > 1 else None
+    fed = torch.tensor(answer.prompt_ids + answer.new_tokens[:-1], dtype=torch.long)
+    tokens = torch.empty_like(fed)
+    # Outputs at prompt positions are the model's argmax there; from the last prompt position on,
+    # they are the generated tokens themselves.
+    tokens[: prompt_len - 1] = lm_head_argmax(base.model, hidden[: prompt_len - 1]).cpu()
+    tokens[prompt_len - 1 :] = torch.tensor(answer.new_tokens, dtype=torch.long)
+    is_generated = np.zeros(len(fed), dtype=bool)
+    is_generated[prompt_len - 1 :] = True
+    return _rows(hidden, tokens, fed, answer.item.index, is_generated, layer_states)
+
+
+# Padded positions per teacher-forced forward. Memory grows with it (every captured layer's states,
+# attention scores that also grow with the width), speed hardly at all past a few thousand; a
+# longer sequence goes alone.
+TEACHER_FORCE_TOKENS = 8192
+
+
+@torch.no_grad()
 def teacher_force_batch(
     base: BaseModel, prompts: list[Prompt], progress: tqdm | None, layers: tuple[int, ...] = ()
 ) -> list[SequenceRows]:
@@ -476,6 +461,19 @@ def shard_prompts(path: Path, num_shards: int, shard_index: int) -> Iterator[Pro
     return (p for p in iter_prompts(path) if p.index % num_shards == shard_index)
 
 
+def collection_order(
+    prompts: Iterator[Prompt], tokenizer: Any, batch_size: int
+) -> Iterator[Prompt]:
+    """The shard's prompts in the order they are collected: each run of RUN_BATCHES batches
+    sorted by encoded length (ties by index). A pure function of the prompts, tokenizer and batch
+    size, so a resumed collection skips its committed sequences and then forms the very runs and
+    batches the interrupted one would have."""
+    window = batch_size * RUN_BATCHES
+    while run := list(itertools.islice(prompts, window)):
+        lengths = {p.index: len(encode_prompt(p, tokenizer)) for p in run}
+        yield from sorted(run, key=lambda p: (lengths[p.index], p.index))
+
+
 def batched(items: Iterator[Prompt], size: int) -> Iterator[list[Prompt]]:
     while batch := list(itertools.islice(items, size)):
         yield batch
@@ -499,9 +497,12 @@ def collect_shard(
     )
     samples = count_samples(writer.sequence_lengths, config.sample_size, config.stride)
     n_prompts = sum(1 for _ in shard_prompts(config.prompts_path, config.num_shards, shard_index))
-    remaining = itertools.islice(
-        shard_prompts(config.prompts_path, config.num_shards, shard_index), done_sequences, None
+    ordered = collection_order(
+        shard_prompts(config.prompts_path, config.num_shards, shard_index),
+        base.tokenizer,
+        config.batch_size,
     )
+    remaining = itertools.islice(ordered, done_sequences, None)
     if done_sequences:
         print(
             f"dmtp collect: shard {shard_index}: resuming after {done_sequences} committed sequences "
@@ -520,27 +521,57 @@ def collect_shard(
         dynamic_ncols=interactive,
         mininterval=0.5 if interactive else 30,
     )
+
+    def limit_reached() -> bool:
+        return sample_limit is not None and samples >= sample_limit
+
+    def show_progress() -> None:
+        seconds = time.perf_counter() - started
+        done = writer.n_sequences
+        rate = (writer.total_rows - rows_at_start) / max(seconds, 1e-9)
+        # Total = rows so far + remaining prompts at the mean rows per prompt so far: a real ETA.
+        mean_rows = writer.total_rows / max(done, 1)
+        progress.total = int(writer.total_rows + max(n_prompts - done, 0) * mean_rows)
+        progress.set_postfix_str(f"{min(done, n_prompts)}/{n_prompts} prompts, {rate:,.0f} rows/s")
+
     try:
-        for batch_number, batch in enumerate(batched(remaining, config.batch_size)):
-            if sample_limit is not None and samples >= sample_limit:
-                break
-            if generates:
-                sequences = generate_batch(base, config, batch, progress, store.stored_layers)
-            else:
-                sequences = teacher_force_batch(base, batch, progress, store.stored_layers)
-            for rows in sequences:
-                writer.append(rows)
-            writer.mark_resume_point()
-            samples += count_samples([len(r) for r in sequences], config.sample_size, config.stride)
-            seconds = time.perf_counter() - started
-            done = done_sequences + (batch_number + 1) * config.batch_size
-            rate = (writer.total_rows - rows_at_start) / max(seconds, 1e-9)
-            # Total = rows so far + remaining prompts at the mean rows per prompt so far: a real ETA.
-            mean_rows = writer.total_rows / max(writer.n_sequences, 1)
-            progress.total = int(writer.total_rows + max(n_prompts - done, 0) * mean_rows)
-            progress.set_postfix_str(
-                f"{min(done, n_prompts)}/{n_prompts} prompts, {rate:,.0f} rows/s"
+        if generates and refill_supported(base.model):
+            generator = RefillGenerator(
+                base.model,
+                batch_size=config.batch_size,
+                max_new_tokens=config.max_new_tokens,
+                eos_token_ids=eos_token_ids(base),
+                pad_token_id=base.tokenizer.pad_token_id,
+                temperature=config.temperature,
+                max_positions=base.max_positions,
+                layers=store.stored_layers,
+                progress=progress,
             )
+            for run in batched(remaining, config.batch_size * RUN_BATCHES):
+                if limit_reached():
+                    break
+                prompts = [(p, encode_prompt(p, base.tokenizer)) for p in run]
+                for answer in generator.run(prompts, stop_admitting=limit_reached):
+                    rows = answer_rows(base, answer)
+                    writer.append(rows)
+                    samples += count_samples([len(rows)], config.sample_size, config.stride)
+                    show_progress()
+                writer.mark_resume_point()
+        else:
+            for batch in batched(remaining, config.batch_size):
+                if limit_reached():
+                    break
+                if generates:  # a cache RefillGenerator cannot edit: plain batched generate
+                    sequences = generate_batch(base, config, batch, progress, store.stored_layers)
+                else:
+                    sequences = teacher_force_batch(base, batch, progress, store.stored_layers)
+                for rows in sequences:
+                    writer.append(rows)
+                writer.mark_resume_point()
+                samples += count_samples(
+                    [len(r) for r in sequences], config.sample_size, config.stride
+                )
+                show_progress()
     finally:
         progress.close()
     seconds = time.perf_counter() - started
@@ -559,7 +590,8 @@ def collect(config: CollectConfig) -> CollectResult:
     """Run a whole collection (all shards, or `config.shard_index`) and return its manifest."""
     started = time.perf_counter()
     prompts = scan_prompts(config.prompts_path)
-    base = load_base_model(config.base_model_path, config.device, config.dtype)
+    device = resolve_device(config.device)
+    base = load_base_model(config.base_model_path, device, collection_dtype(config.dtype, device))
     n_prompts, mean_prompt_tokens = check_prompt_lengths(config.prompts_path, base)
     check_disk_space(config, base, n_prompts, mean_prompt_tokens, prompts.generates)
     store = prepare_store(config, base, prompts)

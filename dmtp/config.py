@@ -106,8 +106,9 @@ class CollectConfig:
     device: str = option("auto", "cuda, cuda:N, cpu, or auto (cuda when available)")
     batch_size: int = option(
         64,
-        "prompts generated together (left-padded). Large batches keep the matmuls efficient: "
-        "SmolLM2-135M on 2 CPU cores made ~300 tok/s at 64 in bf16, ~75 at 8 in fp32 (DESIGN §7)",
+        "rows generating at once; a row whose answer has ended takes the next prompt. Large "
+        "batches keep the matmuls efficient: SmolLM2-135M on 2 CPU cores made ~300 tok/s at 64 "
+        "in bf16, ~75 at 8 in fp32 (DESIGN §7)",
     )
     dtype: str = option(
         "auto",

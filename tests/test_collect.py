@@ -68,7 +68,12 @@ def sequences(store_path: Path):
             yield rows, decode_hidden_states(rows.hidden_states, store.hidden_dtype).float()
 
 
-def test_stored_states_and_tokens_equal_a_teacher_forced_forward(debug_model_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["refill", "generate"])
+def test_stored_states_and_tokens_equal_a_teacher_forced_forward(
+    engine, debug_model_dir, tmp_path, monkeypatch
+):
+    if engine == "generate":  # the path for caches RefillGenerator cannot edit (sliding windows)
+        monkeypatch.setattr("dmtp.collect.refill_supported", lambda model: False)
     result = collect(config(debug_model_dir, write_prompts(tmp_path / "p.jsonl"), tmp_path / "out"))
     assert result.complete and result.sequences == len(PROMPTS)
     model = AutoModelForCausalLM.from_pretrained(debug_model_dir, dtype=torch.float32).eval()
@@ -91,7 +96,9 @@ def test_batch_size_does_not_change_what_is_stored(debug_model_dir, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl")
     collect(config(debug_model_dir, prompts, tmp_path / "b1", batch_size=1))
     collect(config(debug_model_dir, prompts, tmp_path / "b8", batch_size=8))
-    pairs = list(zip(sequences(tmp_path / "b1"), sequences(tmp_path / "b8"), strict=True))
+    # the order within a run of batches is the order answers ended in: compare by sample id
+    by_sample = lambda path: sorted(sequences(path), key=lambda seq: int(seq[0].sample_ids[0]))  # noqa: E731
+    pairs = list(zip(by_sample(tmp_path / "b1"), by_sample(tmp_path / "b8"), strict=True))
     assert len(pairs) == len(PROMPTS)
     for (rows1, hidden1), (rows8, hidden8) in pairs:
         assert np.array_equal(rows1.tokens, rows8.tokens)
@@ -411,3 +418,63 @@ def test_validate_finds_a_damaged_layer_states_chunk(debug_model_dir, tmp_path):
     assert [(f.check, f.array, f.chunk, f.rows) for f in report.errors] == [
         ("checksum", "layer_states", "c/0/0/0#0", [0, 16])
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# refilled generation (dmtp.generation): rows freed by finished answers take the next prompts
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_refilled_generation_answers_as_generate_does(batch_size, debug_model_dir):
+    from transformers import AutoTokenizer
+
+    from dmtp.generation import RefillGenerator
+
+    model = AutoModelForCausalLM.from_pretrained(debug_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(debug_model_dir)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    settings = dict(batch_size=batch_size, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id)
+    # A frequent answer token as EOS, so answers end at different steps and rows refill mid-run.
+    first = RefillGenerator(model, eos_token_ids=[], **settings).run(list(enumerate(prompts)))
+    counts = np.bincount([t for answer in first for t in answer.new_tokens[1:]])
+    eos = int(counts.argmax())
+    generator = RefillGenerator(model, eos_token_ids=[eos], layers=(1,), **settings)
+    answers = list(generator.run(list(enumerate(prompts))))
+    assert sorted(a.item for a in answers) == list(range(len(PROMPTS)))
+    lengths = {len(a.new_tokens) for a in answers}
+    assert len(lengths) > 1 and min(lengths) < 10  # some ended early: refills happened
+    for answer in answers:
+        ids = torch.tensor(prompts[answer.item])[None]
+        with torch.no_grad():
+            expected = model.generate(
+                ids, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=eos
+            )[0, ids.shape[1] :].tolist()
+            while expected and expected[-1] == eos and expected.count(eos) > 1:
+                expected.pop()  # generate pads a finished row with eos (pad_token_id) in a batch
+            fed = torch.tensor(answer.prompt_ids + answer.new_tokens[:-1])[None]
+            out = model(fed, output_hidden_states=True)
+        assert answer.new_tokens == expected
+        assert answer.states.shape == (fed.shape[1], 2, model.config.hidden_size)
+        torch.testing.assert_close(
+            answer.states[:, 0], out.hidden_states[-1][0], atol=2e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            answer.states[:, 1], out.hidden_states[1][0], atol=2e-4, rtol=1e-4
+        )
+
+
+def test_refilled_generation_stops_admitting_on_request(debug_model_dir):
+    from transformers import AutoTokenizer
+
+    from dmtp.generation import RefillGenerator
+
+    model = AutoModelForCausalLM.from_pretrained(debug_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(debug_model_dir)
+    generator = RefillGenerator(
+        model, batch_size=2, max_new_tokens=3, eos_token_ids=[], pad_token_id=0
+    )
+    finished: list[int] = []
+    prompts = [(i, tokenizer(p)["input_ids"]) for i, p in enumerate(PROMPTS)]
+    for answer in generator.run(prompts, stop_admitting=lambda: len(finished) >= 3):
+        finished.append(answer.item)
+    assert sorted(finished) == [0, 1, 2, 3]  # the two running when the third ended still finish
