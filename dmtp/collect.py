@@ -550,6 +550,9 @@ def collect_shard(
             for run in batched(remaining, config.batch_size * RUN_BATCHES):
                 if limit_reached():
                     break
+                # Sampling (--temperature > 0) is seeded per run, from its first prompt: a resumed
+                # collection then draws exactly what the interrupted one would have.
+                torch.manual_seed(config.seed * 1_000_003 + run[0].index)
                 prompts = [(p, encode_prompt(p, base.tokenizer)) for p in run]
                 for answer in generator.run(prompts, stop_admitting=limit_reached):
                     rows = answer_rows(base, answer)

@@ -38,6 +38,9 @@ REFILL_FRACTION = 1 / 8
 PREFILL_PADDING = 1.25
 # ... and at most this many tokens a forward (activations of a long group can be GBs).
 PREFILL_MAX_TOKENS = 16384
+# Spare columns a growing KV-cache layer allocates when full: one copy of the cache per this many
+# steps, instead of one per step.
+GROWTH_COLUMNS = 128
 
 
 def decoder_layers(model: Any) -> Any:
@@ -370,11 +373,59 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _cache_from(model: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """A DynamicCache holding these (keys, values) `[B, kv_heads, columns, head_dim]` per layer."""
+    """A DynamicCache holding these (keys, values) `[B, kv_heads, columns, head_dim]` per layer,
+    in layers that grow in place (`_growing_layer_class`)."""
     from transformers.cache_utils import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    for layer, (keys, values) in zip(cache.layers, layers, strict=True):
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
+    grow = _growing_layer_class()
+    cache.layers = [grow(keys, values) for keys, values in layers]
     return cache
+
+
+_GROWING_LAYER: type | None = None
+
+
+def _growing_layer_class() -> type:
+    """A `DynamicLayer` whose keys and values live in buffers with spare columns, written in place.
+
+    `DynamicLayer.update` concatenates: it copies the whole cache at every step, which measured
+    28% of collection time on 2 CPU cores (SmolLM2, batch 64, prompts up to 537 tokens). Here a
+    step writes one column and hands attention a view; the buffers are reallocated (with
+    GROWTH_COLUMNS to spare) only when full. Defined on first use: transformers imports lazily.
+    """
+    global _GROWING_LAYER
+    if _GROWING_LAYER is not None:
+        return _GROWING_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self.length = 0
+            self._buffers = (keys[:, :, :0], values[:, :, :0])
+            self._write(keys, values)
+
+        def _write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            start, stop = self.length, self.length + keys.shape[2]
+            if stop > self._buffers[0].shape[2]:
+                grown = []
+                for old, new in zip(self._buffers, (keys, values), strict=True):
+                    shape = (*new.shape[:2], stop + GROWTH_COLUMNS, new.shape[3])
+                    buffer = new.new_empty(shape)
+                    buffer[:, :, :start] = old[:, :, :start]
+                    grown.append(buffer)
+                self._buffers = tuple(grown)
+            self._buffers[0][:, :, start:stop] = keys
+            self._buffers[1][:, :, start:stop] = values
+            self.length = stop
+            self.keys = self._buffers[0][:, :, :stop]
+            self.values = self._buffers[1][:, :, :stop]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            self._write(key_states, value_states)
+            return self.keys, self.values
+
+    _GROWING_LAYER = GrowingLayer
+    return GrowingLayer
