@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from tqdm import tqdm
 
 from dmtp import __version__
@@ -86,22 +87,50 @@ class CollectResult:
 # prompts -> token ids
 
 
+def _chat_template_ids(
+    tokenizer: Any, messages: list[dict], add_generation_prompt: bool
+) -> list[int]:
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True
+    )
+    ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+    return list(ids)
+
+
 def encode_prompt(prompt: Prompt, tokenizer: Any) -> list[int]:
-    """Token ids the model reads: the chat template for chat prompts when the model has one."""
+    """Token ids the model reads: the chat template for chat prompts when the model has one; an
+    answered chat whole, its answer included (`encode_answered_chat`)."""
+    if prompt.answered:
+        return encode_answered_chat(prompt, tokenizer)[0]
     if prompt.messages is not None:
         if getattr(tokenizer, "chat_template", None):
-            encoded = tokenizer.apply_chat_template(
-                prompt.messages, add_generation_prompt=True, tokenize=True
-            )
-            ids = (
-                encoded["input_ids"]
-                if isinstance(encoded, dict) or hasattr(encoded, "keys")
-                else encoded
-            )
-            return list(ids)
+            return _chat_template_ids(tokenizer, prompt.messages, add_generation_prompt=True)
         text = "\n\n".join(m["content"] for m in prompt.messages)  # base model: the raw prompt
         return list(tokenizer(text)["input_ids"])
     return list(tokenizer(prompt.text)["input_ids"])
+
+
+def encode_answered_chat(prompt: Prompt, tokenizer: Any) -> tuple[list[int], int]:
+    """(ids, start): a chat that ends with its answer, encoded whole, and its answer's first token.
+
+    The whole chat is the template over every message, without a generation prompt; `ids[:start]`
+    is the prompt as `encode_prompt` encodes it for generation (generation prompt included), so the
+    answer's rows line up with those a generated answer would have. A template that renders the
+    chat otherwise (drops or rewrites earlier text) is refused: the answer's start would be a guess.
+    """
+    question = Prompt(prompt.index, prompt.line, messages=prompt.messages[:-1])
+    head = encode_prompt(question, tokenizer)
+    if getattr(tokenizer, "chat_template", None):
+        ids = _chat_template_ids(tokenizer, prompt.messages, add_generation_prompt=False)
+    else:
+        ids = list(tokenizer("\n\n".join(m["content"] for m in prompt.messages))["input_ids"])
+    if len(ids) <= len(head) or ids[: len(head)] != head:
+        raise InputDataError(
+            "the model's chat template does not render this answered chat as its prompt (with the "
+            "generation prompt) followed by the answer, so the answer's start is unknown; collect "
+            "from the prompts alone (drop the assistant message) to have the model answer them"
+        )
+    return ids, len(head)
 
 
 def check_prompt_lengths(path: Path, base: BaseModel) -> tuple[int, float]:
@@ -109,7 +138,10 @@ def check_prompt_lengths(path: Path, base: BaseModel) -> tuple[int, float]:
     limit = base.max_positions
     total = count = 0
     for prompt in iter_prompts(path):
-        n = len(encode_prompt(prompt, base.tokenizer))
+        try:
+            n = len(encode_prompt(prompt, base.tokenizer))
+        except InputDataError as error:
+            raise InputDataError(f"{path}:{prompt.line}: {error}") from None
         if n == 0:
             raise InputDataError(f"{path}:{prompt.line}: prompt encodes to no tokens")
         if limit is not None and n >= limit:
@@ -162,6 +194,7 @@ def store_identity(
             "sample_size": config.sample_size,
             "stride": config.stride,
             "max_samples": config.max_samples,
+            "prompts_per_shard": config.prompts_per_shard,
             "dtype": base.hidden_dtype,
             "mode": "generate" if prompts.generates else "teacher_forced",
         },
@@ -187,14 +220,21 @@ def prepare_store(config: CollectConfig, base: BaseModel, prompts: PromptFileInf
     path = config.store_path
     identity = store_identity(config, base, prompts)
     layers = stored_feature_layers(config, base)
+    num_shards = config.num_shards
     if config.overwrite:
         remove_store(path)
     elif (path / "zarr.json").exists():
         existing = open_store(path)
+        if config.prompts_per_shard is not None and existing.num_shards < num_shards:
+            # Fixed shards: a larger budget adds shards; those collected keep their prompts.
+            zarr.open_group(path, mode="r+").attrs["num_shards"] = num_shards
+            existing = open_store(path)
+        elif config.prompts_per_shard is not None:
+            num_shards = existing.num_shards  # a smaller budget reads the same store
         wanted = {
             **existing.attrs,
             **identity,
-            "num_shards": config.num_shards,
+            "num_shards": num_shards,
             "layout": asdict(config.layout),
             "feature_layers": list(layers),
             "num_hidden_layers": num_hidden_layers(base),
@@ -220,7 +260,7 @@ def prepare_store(config: CollectConfig, base: BaseModel, prompts: PromptFileInf
         hidden_size=base.hidden_size,
         vocab_size=len_vocab(base),
         hidden_dtype=base.hidden_dtype,
-        num_shards=config.num_shards,
+        num_shards=num_shards,
         layout=config.layout,
         feature_layers=layers,
         num_hidden_layers=num_hidden_layers(base),
@@ -398,10 +438,62 @@ TEACHER_FORCE_TOKENS = 8192
 def teacher_force_batch(
     base: BaseModel, prompts: list[Prompt], progress: tqdm | None, layers: tuple[int, ...] = ()
 ) -> list[SequenceRows]:
-    """One forward over a batch of documents; outputs are the model's argmax at every position."""
+    """Read a batch of documents or answered chats; outputs are the model's argmax at every position.
+
+    The batch is cut, in order, into forwards of at most TEACHER_FORCE_TOKENS padded positions
+    (`collection_order` sorted it by length, so they pad little). In order and from the batch alone:
+    a resumed collection forms the same forwards.
+    """
+    tokenizer = base.tokenizer
+    # (ids, the answer's first position or None)
+    encoded = [
+        encode_answered_chat(p, tokenizer) if p.answered else (encode_prompt(p, tokenizer), None)
+        for p in prompts
+    ]
+    eos = set(eos_token_ids(base))
+    rows: list[SequenceRows] = []
+    first = 0
+    while first < len(prompts):
+        stop, width = first + 1, len(encoded[first][0])
+        while stop < len(prompts):
+            wider = max(width, len(encoded[stop][0]))
+            if wider * (stop + 1 - first) > TEACHER_FORCE_TOKENS:
+                break
+            stop, width = stop + 1, wider
+        rows += _teacher_force(
+            base, prompts[first:stop], encoded[first:stop], eos, progress, layers
+        )
+        first = stop
+    return rows
+
+
+def answer_mask(ids: list[int], start: int | None, eos: set[int]) -> np.ndarray:
+    """`is_generated` of a teacher-forced sequence `[T]`: True on the rows whose output predicts
+    an answer token, as for a generated answer: from the last prompt row (whose output is the
+    answer's first token) to the row whose output is the answer's end-of-turn token. What the
+    template adds after that token (ChatML's newline) is no answer: generation stops at it."""
+    generated = np.zeros(len(ids), dtype=bool)
+    if start is not None:
+        ends = [i for i in range(start, len(ids)) if ids[i] in eos]
+        stop = ends[-1] + 1 if ends else len(ids)
+        generated[start - 1 : stop - 1] = True
+    return generated
+
+
+@torch.no_grad()
+def _teacher_force(
+    base: BaseModel,
+    prompts: list[Prompt],
+    encoded: list[tuple[list[int], int | None]],
+    eos: set[int],
+    progress: tqdm | None,
+    layers: tuple[int, ...],
+) -> list[SequenceRows]:
+    """One forward over `encoded` (ids, answer start) of `prompts`; each sequence's rows."""
     model, tokenizer = base.model, base.tokenizer
-    encoded = [encode_prompt(p, tokenizer) for p in prompts]
-    input_ids, attention_mask = pad_left(encoded, tokenizer.pad_token_id, base.device)
+    input_ids, attention_mask = pad_left(
+        [ids for ids, _ in encoded], tokenizer.pad_token_id, base.device
+    )
     # Left padding shifts positions unless they are given explicitly (generate does the same).
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with HiddenStateCapture(model, layers=layers) as capture:
@@ -417,7 +509,7 @@ def teacher_force_batch(
         progress.update(int(attention_mask.sum()))
     rows = []
     width = input_ids.shape[1]
-    for b, ids in enumerate(encoded):
+    for b, (ids, start) in enumerate(encoded):
         hidden = states[b, width - len(ids) :]
         tokens = lm_head_argmax(model, hidden)
         rows.append(
@@ -426,7 +518,7 @@ def teacher_force_batch(
                 tokens,
                 input_ids[b, width - len(ids) :],
                 prompts[b].index,
-                np.zeros(len(ids), bool),
+                answer_mask(ids, start, eos),
                 None if layer_states is None else layer_states[b, width - len(ids) :],
             )
         )
@@ -456,8 +548,14 @@ def _rows(
 # shards
 
 
-def shard_prompts(path: Path, num_shards: int, shard_index: int) -> Iterator[Prompt]:
-    """Round-robin assignment: prompt i goes to shard i % num_shards."""
+def shard_prompts(
+    path: Path, num_shards: int, shard_index: int, prompts_per_shard: int | None = None
+) -> Iterator[Prompt]:
+    """Round-robin: prompt i goes to shard i % num_shards; or, with fixed shards, shard k holds
+    prompts [k·N, (k+1)·N) whatever the number of shards (so adding shards changes none)."""
+    if prompts_per_shard is not None:
+        first = shard_index * prompts_per_shard
+        return (p for p in iter_prompts(path) if first <= p.index < first + prompts_per_shard)
     return (p for p in iter_prompts(path) if p.index % num_shards == shard_index)
 
 
@@ -496,9 +594,13 @@ def collect_shard(
         None if config.max_samples is None else math.ceil(config.max_samples / config.num_shards)
     )
     samples = count_samples(writer.sequence_lengths, config.sample_size, config.stride)
-    n_prompts = sum(1 for _ in shard_prompts(config.prompts_path, config.num_shards, shard_index))
+    n_prompts = sum(1 for _ in shard_prompts(
+            config.prompts_path, config.num_shards, shard_index, config.prompts_per_shard
+        ))
     ordered = collection_order(
-        shard_prompts(config.prompts_path, config.num_shards, shard_index),
+        shard_prompts(
+            config.prompts_path, config.num_shards, shard_index, config.prompts_per_shard
+        ),
         base.tokenizer,
         config.batch_size,
     )
@@ -593,6 +695,13 @@ def collect(config: CollectConfig) -> CollectResult:
     """Run a whole collection (all shards, or `config.shard_index`) and return its manifest."""
     started = time.perf_counter()
     prompts = scan_prompts(config.prompts_path)
+    per_shard = config.prompts_per_shard
+    if per_shard is not None and (config.num_shards - 1) * per_shard >= prompts.count:
+        raise InputDataError(
+            f"--num_shards {config.num_shards} x --prompts_per_shard {per_shard} goes past the "
+            f"{prompts.count} prompts of {config.prompts_path}: at most "
+            f"{-(-prompts.count // per_shard)} shards"
+        )
     device = resolve_device(config.device)
     base = load_base_model(config.base_model_path, device, collection_dtype(config.dtype, device))
     n_prompts, mean_prompt_tokens = check_prompt_lengths(config.prompts_path, base)

@@ -92,9 +92,10 @@ def load_eval_prompts(
     for prompt in iter_prompts(path):
         if config.max_prompts is not None and len(prompts) >= config.max_prompts:
             break
-        if prompt.messages is None:
+        if not prompt.generates:
+            kind = "a chat ending with its answer" if prompt.answered else "a plain-text document"
             raise InputDataError(
-                f"{path}:{prompt.line}: a plain-text document; evaluation needs prompts to answer "
+                f"{path}:{prompt.line}: {kind}; evaluation needs prompts to answer "
                 "(JSONL with `prompt`, `messages` or `turns`)"
             )
         ids = encode_prompt(prompt, base.tokenizer)

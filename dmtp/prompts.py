@@ -3,9 +3,12 @@
 Formats (chosen by extension; an unknown extension is sniffed from its first non-empty line):
 - JSONL (`.jsonl`, `.json`), one object a line, with one of
     `prompt`   str                     LongWriter format (`type`/`length` kept as metadata)
-    `messages` [{role, content}, ...]  a chat, sent through the model's chat template
+    `messages` [{role, content}, ...]  a chat, sent through the model's chat template; one that
+                                       ends with an `assistant` message is teacher-forced: the
+                                       model reads the whole chat, answer included
     `turns`    [str, ...]              MT-Bench / Spec-Bench format: the first turn is used
-  and optionally `category` (or LongWriter's `type`).
+  and optionally `category` (or LongWriter's `type`). A file holds one kind: prompts to answer or
+  answered chats.
 - Plain text (anything else): one document per line, teacher-forced: the model reads the document
   and records its own outputs at every position; nothing is generated.
 """
@@ -22,6 +25,7 @@ from typing import Any
 from dmtp.errors import InputDataError
 
 JSONL_SUFFIXES = {".jsonl", ".json"}
+ANSWER_ROLE = "assistant"  # a chat whose last message has this role is teacher-forced
 
 
 @dataclass
@@ -36,9 +40,14 @@ class Prompt:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def answered(self) -> bool:
+        """A chat that ends with the assistant's answer: teacher-forced, like a document."""
+        return self.messages is not None and self.messages[-1]["role"] == ANSWER_ROLE
+
+    @property
     def generates(self) -> bool:
-        """Chat prompts are answered by generation; documents are only read."""
-        return self.messages is not None
+        """Chat prompts are answered by generation; documents and answered chats are only read."""
+        return self.messages is not None and not self.answered
 
 
 def is_jsonl(path: Path) -> bool:
@@ -77,6 +86,17 @@ def _parse_record(record: Any, where: str, index: int, line: int) -> Prompt:
             )
         if not any(m["content"].strip() for m in messages):
             raise InputDataError(f"{where}: empty prompt (every message's content is blank)")
+        if messages[-1]["role"] == ANSWER_ROLE:
+            if not messages[-1]["content"].strip():
+                raise InputDataError(
+                    f"{where}: the last message is an empty `{ANSWER_ROLE}` answer; give the "
+                    f"answer to teacher-force, or drop that message to have the model generate one"
+                )
+            if len(messages) < 2:
+                raise InputDataError(
+                    f"{where}: an `{ANSWER_ROLE}` answer with no prompt before it; put the "
+                    "message it answers first"
+                )
         return Prompt(index, line, messages=messages, category=category, metadata=metadata)
     if "prompt" in record or "turns" in record:
         if "prompt" in record:
@@ -138,18 +158,28 @@ class PromptFileInfo:
     path: str
     sha256: str
     count: int
-    generates: bool  # chat prompts (generation) or documents (teacher-forced)
+    generates: bool  # chat prompts (generation), or documents / answered chats (teacher-forced)
 
 
 def scan_prompts(path: str | Path) -> PromptFileInfo:
     """Check every record before any model time is spent; return count and content hash."""
     path = Path(path)
-    count = sum(1 for _ in iter_prompts(path))
+    count, first = 0, None
+    for prompt in iter_prompts(path):
+        count += 1
+        if first is None:
+            first = prompt
+        # Collection runs one mode per store (generate or teacher-force), so a file is one kind.
+        if prompt.generates != first.generates:
+            kinds = {True: "a prompt to answer", False: "a chat ending with its answer"}
+            raise InputDataError(
+                f"{path}:{prompt.line}: {kinds[prompt.generates]}, but line {first.line} is "
+                f"{kinds[first.generates]}; put prompts and answered chats in separate files"
+            )
     if count == 0:
         raise InputDataError(f"{path}: no prompts in the file")
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    # The format is chosen per file, so all of a file's records are of one kind.
-    return PromptFileInfo(str(path), digest.hexdigest(), count, is_jsonl(path))
+    return PromptFileInfo(str(path), digest.hexdigest(), count, first.generates)

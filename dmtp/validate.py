@@ -10,7 +10,7 @@ What it checks (DESIGN §3), each finding naming shard, array, chunk and rows:
 - chunks: every chunk below `n_committed` is present (zarr would silently hand back fill values
   for a missing one), whole, and matches its crc32c; the shard index of each hidden-state file too;
 - values: token and input ids in `[0, vocab_size)`, finite hidden and layer states, `input_ids[l + 1] ==
-  tokens[l]` where `tokens[l]` is generated, one `sample_id` per sequence;
+  tokens[l]` where `tokens[l]` is generated (in a generated store), one `sample_id` per sequence;
 - stray files: `*.partial` temporaries of an interrupted write (warnings).
 
 Chunks are read as raw files and decoded here (bytes / zstd / crc32c), not through zarr: it is
@@ -764,7 +764,10 @@ class Validator:
         inside = np.ones(max(length - 1, 0), dtype=bool)
         starts = offsets[(offsets > first) & (offsets < stop)] - first
         inside[starts - 1] = False  # l + 1 starts a new sequence
-        if {"tokens", "input_ids", "is_generated"} <= columns.keys():
+        # A generated answer feeds each output back in; a teacher-forced one is text the model may
+        # disagree with (the trainer masks labels past a disagreement), so it is not checked.
+        teacher_forced = self.root.get("collection", {}).get("mode") == "teacher_forced"
+        if not teacher_forced and {"tokens", "input_ids", "is_generated"} <= columns.keys():
             generated = columns["is_generated"][:-1] & inside
             wrong = np.flatnonzero(generated & (columns["input_ids"][1:] != columns["tokens"][:-1]))
             if wrong.size:
