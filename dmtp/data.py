@@ -128,7 +128,9 @@ class StoreIndex:
         # is prompt order: max_samples keeps the first prompts, not the first shard.
         local = np.concatenate([np.arange(len(o) - 1) for o in offsets] or empty)
         shard = np.concatenate([np.full(len(o) - 1, k) for k, o in enumerate(offsets)] or empty)
-        prompt_order = np.lexsort((shard, local))
+        fixed = store.attrs.get("collection", {}).get("prompts_per_shard")
+        # fixed shards hold consecutive prompts: shard-major order is prompt order
+        prompt_order = np.lexsort((local, shard)) if fixed else np.lexsort((shard, local))
         included = n
         if max_samples is not None:
             collection = store.attrs.get("collection", {})
@@ -521,7 +523,7 @@ def create_dataloaders(
     )
     if index.n_examples(TRAIN) == 0:
         hint = (
-            " (teacher-forced data has no generated rows: use loss_on='all')"
+            " (teacher-forced documents have no response rows: use loss_on='all')"
             if config.loss_on == "response"
             else ""
         )

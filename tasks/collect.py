@@ -109,7 +109,9 @@ def plan_collection(
         "model": model.fingerprint,
         "prompts": prompts.sha256,
         "settings": settings,
-        "num_shards": num_shards,
+        # Fixed-size shards (prompts_per_shard): a larger budget is more shards of the same
+        # store, so the shard count must not pick the folder.
+        "num_shards": None if settings.get("prompts_per_shard") else num_shards,
         "dmtp_version": dmtp.__version__,
     }
     output_dir = Path(data_root) / "stores" / f"{model.name}-{digest(placement)[:12]}"

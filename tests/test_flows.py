@@ -160,6 +160,32 @@ def test_a_changed_training_setting_retrains_without_recollecting(first_run):
     assert changed["head"] != first["head"] and changed["mlflow_run_id"] != first["mlflow_run_id"]
 
 
+def test_a_larger_data_budget_adds_shards_to_the_same_store(
+    prefect_backend, debug_model_dir, prompts, tmp_path
+):
+    """`make head --data_shards N`: fixed shards, so a larger budget collects only the new ones."""
+    from flows.collect_and_train import collect
+
+    parameters = _parameters(debug_model_dir, prompts, tmp_path, prompts_per_shard=4)
+    for key in (
+        "max_steps",
+        "per_device_train_batch_size",
+        "learning_rate",
+        "logging_steps",
+        "save_steps",
+        "evaluate",
+    ):
+        parameters.pop(key, None)
+    small = collect(**parameters, num_shards=1)
+    shard_0 = Path(small["store"]) / "shards" / "0"
+    written = {p: p.stat().st_mtime_ns for p in shard_0.rglob("*") if p.is_file()}
+    large = collect(**parameters, num_shards=3)
+    assert large["store"] == small["store"]
+    assert [s["rows"] for s in large["shards"]][0] == small["store_rows"]
+    assert large["store_sequences"] == N_PROMPTS and large["store_rows"] > small["store_rows"]
+    assert {p: p.stat().st_mtime_ns for p in written} == written, "shard 0 was collected again"
+
+
 # ----------------------------------------------------------------------------------------------
 # failures: retried, resumed, recomputed, or stopped
 
@@ -179,7 +205,7 @@ def collected(prefect_backend, debug_model_dir, prompts, tmp_path_factory):
         "save_steps",
         "evaluate",
     ):
-        parameters.pop(key)
+        parameters.pop(key, None)
     os.environ["DMTP_FAIL_ONCE"] = "collect_shard"
     try:
         state = collect(**parameters, return_state=True)
@@ -251,7 +277,7 @@ def test_a_shard_killed_mid_way_is_resumed_not_restarted(
         "save_steps",
         "evaluate",
     ):
-        parameters.pop(key)
+        parameters.pop(key, None)
     settings = {
         "max_new_tokens": 24, "batch_size": 1, "max_samples": None, "sample_size": 512, "stride": 256,
         "temperature": 0.0, "seed": 0, "dtype": "auto", "device": "auto",
