@@ -1,7 +1,7 @@
 # The two set-up commands of the README. Each creates/reuses .venv itself (deploy/bootstrap.sh).
 #   make demo   run the main job on the embedded default (SmolLM2-135M-Instruct, shipped prompts)
 #   make test   run the test suite (what CI runs: .ci/run calls `make test`)
-.PHONY: demo test lint bootstrap up down worker integration
+.PHONY: demo head test lint bootstrap up down worker integration
 
 VENV ?= .venv
 PYTEST_ARGS ?=
@@ -11,6 +11,11 @@ bootstrap:
 
 demo: bootstrap
 	$(VENV)/bin/python -m flows.demo
+
+# The recommended head for the embedded default, from its own answers to ShareGPT prompts
+# (~1 h on 2 CPU cores; `make head HEAD_ARGS="--data_shards 12"` buys more data with more time).
+head: bootstrap
+	$(VENV)/bin/python -m flows.head $(HEAD_ARGS)
 
 test: bootstrap
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

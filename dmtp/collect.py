@@ -594,9 +594,12 @@ def collect_shard(
         None if config.max_samples is None else math.ceil(config.max_samples / config.num_shards)
     )
     samples = count_samples(writer.sequence_lengths, config.sample_size, config.stride)
-    n_prompts = sum(1 for _ in shard_prompts(
+    n_prompts = sum(
+        1
+        for _ in shard_prompts(
             config.prompts_path, config.num_shards, shard_index, config.prompts_per_shard
-        ))
+        )
+    )
     ordered = collection_order(
         shard_prompts(
             config.prompts_path, config.num_shards, shard_index, config.prompts_per_shard

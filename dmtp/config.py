@@ -23,7 +23,9 @@ DEMO_EVAL_PROMPTS = PACKAGE_DIR / "resources" / "prompts" / "demo_eval.jsonl"
 def option(default: Any, help: str, **metadata: Any) -> Any:
     """A dataclass field carrying its CLI help text (and optional `aliases`, `choices`)."""
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **metadata})
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **metadata}
+        )
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -58,9 +60,7 @@ def default_feature_layers(num_hidden_layers: int) -> tuple[int, ...]:
 class StoreLayout:
     """How the Zarr store is chunked and encoded (DESIGN §3)."""
 
-    chunk_rows: int = option(
-        512, "rows per compressed chunk (the unit a reader decompresses)"
-    )
+    chunk_rows: int = option(512, "rows per compressed chunk (the unit a reader decompresses)")
     rows_per_file: int = option(
         4096,
         "rows per shard file of hidden_states (a multiple of chunk_rows); also the unit a writer "
@@ -79,7 +79,10 @@ class StoreLayout:
             self.rows_per_file >= self.chunk_rows and self.rows_per_file % self.chunk_rows == 0,
             f"rows_per_file ({self.rows_per_file}) must be a multiple of chunk_rows ({self.chunk_rows})",
         )
-        check(self.compressor in ("none", "zstd"), f"unknown compressor {self.compressor!r}: use none or zstd")
+        check(
+            self.compressor in ("none", "zstd"),
+            f"unknown compressor {self.compressor!r}: use none or zstd",
+        )
 
 
 @dataclass
@@ -102,9 +105,15 @@ class CollectConfig:
     max_samples: int | None = option(
         None, "stop after this many samples (sample_size-token windows) have been collected"
     )
-    sample_size: int = option(512, "tokens per sample: counts samples for --max_samples; storage is never duplicated")
-    stride: int = option(256, "step between samples, as in the original scripts (recorded, never duplicates storage)")
-    max_new_tokens: int = option(1024, "tokens to generate per prompt (capped by the model's context)")
+    sample_size: int = option(
+        512, "tokens per sample: counts samples for --max_samples; storage is never duplicated"
+    )
+    stride: int = option(
+        256, "step between samples, as in the original scripts (recorded, never duplicates storage)"
+    )
+    max_new_tokens: int = option(
+        1024, "tokens to generate per prompt (capped by the model's context)"
+    )
     device: str = option("auto", "cuda, cuda:N, cpu, or auto (cuda when available)")
     batch_size: int = option(
         64,
@@ -135,7 +144,9 @@ class CollectConfig:
         "collect, so a larger --num_shards adds shards to the same store (a data budget); "
         "default: the prompts are dealt round-robin over --num_shards",
     )
-    shard_index: int | None = option(None, "collect only this shard (default: all, one after another)")
+    shard_index: int | None = option(
+        None, "collect only this shard (default: all, one after another)"
+    )
     resume: bool = option(False, "continue an interrupted collection from its committed rows")
     overwrite: bool = option(False, "delete an existing store at the output path first")
     layout: StoreLayout = field(default_factory=StoreLayout, metadata={"help": "store chunking"})
@@ -158,7 +169,10 @@ class CollectConfig:
             self.shard_index is None or 0 <= self.shard_index < self.num_shards,
             f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
         )
-        check(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other: pick one")
+        check(
+            not (self.resume and self.overwrite),
+            "--resume and --overwrite contradict each other: pick one",
+        )
         self.feature_layers = str(self.feature_layers).strip().replace(" ", "")
         check(
             self.feature_layers in ("auto", "none")
@@ -428,8 +442,9 @@ class TrainConfig:
     )
     context_window: int | None = option(
         None,
-        "context rows up to the anchor a block attends to; default all earlier positions (DFlash); "
-        "1 with --feature_layers last is the guide's head",
+        "context rows up to the anchor a block attends to; default all earlier positions (DFlash). "
+        "On a CPU data budget 1 measured best (README, 'Draft quality'); 1 with --feature_layers "
+        "last is the guide's head",
     )
     init_from_base: bool = option(
         False, "start the draft layers as copies of the base model's last decoder layers"
@@ -489,9 +504,10 @@ class TrainConfig:
     )
     time_epsilon: float = option(1e-3, "t is drawn from U[time_epsilon, 1)")
     objective: str = option(
-        "decode",
-        "decode: position 0 clean and out of the loss, 1..L-1 masked by the schedule; "
-        "decode_all: 1..L-1 all masked (one-step drafting); seed: the guide's literal objective",
+        "decode_all",
+        "decode_all: position 0 clean and out of the loss, 1..L-1 all masked (one-step drafting, "
+        "measured best: README); decode: 1..L-1 masked by the schedule (for K > 1 steps); "
+        "seed: the guide's literal objective",
         choices=["decode", "decode_all", "seed"],
     )
     position_decay: float = option(
@@ -575,7 +591,10 @@ class TrainConfig:
             f"time_epsilon must be in [0, 1), got {self.time_epsilon}",
         )
         check(self.kappa > 0, f"kappa must be > 0, got {self.kappa}")
-        check(self.draft_vocab_size >= 0, f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}")
+        check(
+            self.draft_vocab_size >= 0,
+            f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}",
+        )
         check(self.position_decay >= 0, f"position_decay must be >= 0, got {self.position_decay}")
         check(
             self.context_window is None or self.context_window >= 1,

@@ -43,6 +43,8 @@ def _environment() -> None:
     """Project-local Prefect state and no telemetry; must happen before prefect is imported."""
     os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral API gets 20 s to start by default: too little on 2 busy cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

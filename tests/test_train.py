@@ -481,15 +481,15 @@ def test_the_original_guides_command_lines_parse():
     assert (config.vocab_size, config.hidden_size, config.mask_token_id) == (151936, 3584, 151935)
     assert config.data.max_samples == 100 and config.data.train_ratio == 0.9
     assert config.time_epsilon == 0.01 and config.deepspeed.endswith("zero2.json")
-    assert config.objective == "decode" and config.feature_layers == "auto"  # the defaults
+    assert config.objective == "decode_all" and config.feature_layers == "auto"  # the defaults
     dflash = (
         "--train_data_dir data --output_dir out --feature_layers 2,15,28 --context_window 512 "
-        "--objective decode_all --position_decay 7 --init_from_base --anchors_per_sequence 32 "
+        "--objective decode --position_decay 7 --init_from_base --anchors_per_sequence 32 "
         "--max_sequence_rows 1024"
     )
     config = config_from_args(TrainConfig, parser.parse_args(dflash.split()))
     assert config.feature_layers == "2,15,28" and config.context_window == 512
-    assert config.objective == "decode_all"
+    assert config.objective == "decode"
     assert config.position_decay == 7.0 and config.init_from_base
     assert (config.data.anchors_per_sequence, config.data.max_sequence_rows) == (32, 1024)
 
