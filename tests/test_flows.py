@@ -281,6 +281,7 @@ def test_a_shard_killed_mid_way_is_resumed_not_restarted(
     settings = {
         "max_new_tokens": 24, "batch_size": 1, "max_samples": None, "sample_size": 512, "stride": 256,
         "temperature": 0.0, "seed": 0, "dtype": "auto", "device": "auto",
+        "prompts_per_shard": None, "feature_layers": "auto",
         "chunk_rows": 16, "rows_per_file": 16, "compressor": "none",
     }  # fmt: skip
     # The very collection the flow would run, started by hand and SIGKILLed after its first commit.
