@@ -281,6 +281,13 @@ def check_disk_space(
 ) -> int:
     """Print the estimated store size; refuse when the disk cannot hold it. Returns the estimate."""
     new_tokens = config.max_new_tokens if generates else 0
+    # Only the requested shards are collected: fixed shards hold prompts_per_shard prompts each,
+    # round-robin shards about 1/num_shards of the file.
+    shards = 1 if config.shard_index is not None else config.num_shards
+    if config.prompts_per_shard is not None:
+        n_prompts = min(n_prompts, shards * config.prompts_per_shard)
+    elif config.shard_index is not None:
+        n_prompts = -(-n_prompts // config.num_shards)
     rows = int(n_prompts * (mean_prompt_tokens + new_tokens))
     if config.max_samples is not None:  # collection stops at the batch that reaches the limit
         per_prompt = mean_prompt_tokens + new_tokens
