@@ -3,8 +3,9 @@
 One round (DESIGN §5), batch size 1:
 
     committed:  prompt ... b        b = the bonus token, the base model's argmax after the last
-                                    processed position; h = the last-layer state there
-    draft:      d_1 ... d_n = drafter(h, b, committed)          n <= L - 1
+                                    processed position; f = the feature layers' states of the
+                                    positions committed since the drafter last ran
+    draft:      d_1 ... d_n = drafter(f, b, committed)          n <= L - 1
     verify:     one base forward over [b, d_1 ... d_n] -> argmax y_0 ... y_n
     accept:     the longest prefix with d_i == y_{i-1}: k drafts, plus the new bonus y_k
     roll back:  crop the cache to the committed tokens (the prefix is never recomputed)

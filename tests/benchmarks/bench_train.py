@@ -1,21 +1,25 @@
-"""Training-step throughput and peak memory of the MTP head, to size GPUs before a run.
+"""Training-step throughput and peak memory of the draft head, to size GPUs before a run.
 
     .venv/bin/python tests/benchmarks/bench_train.py                       # both shapes, this device
-    .venv/bin/python tests/benchmarks/bench_train.py --shapes qwen2.5-7b --batch_sizes 4 16 64
-    python3 tests/benchmarks/bench_train.py --device cuda --trainable      # also unfrozen emb/LM head
+    .venv/bin/python tests/benchmarks/bench_train.py --shapes qwen2.5-7b --batch_sizes 64 1024
+    .venv/bin/python tests/benchmarks/bench_train.py --draft_vocab 49152 8192
 
-One training step is what `dmtp train` does per micro-batch: random masking at t ~ U[ε, 1), the
-head's forward over [h_l, block], the masked-diffusion loss, backward, gradient clipping and an
-AdamW step (bf16 autocast on CUDA, fp32 on CPU, as `--mixed_precision auto` picks). Inputs are
+One training step is what `dmtp train` does per micro-batch (`dmtp.train.diffusion_loss` with
+`decode_all`, backward, gradient clipping, AdamW; bf16 autocast on CUDA, fp32 on CPU). Inputs are
 random tensors of the right shapes, so the figures exclude data loading
-(tests/benchmarks/bench_loader.py measures that). Shapes (1 decoder layer, L = 4):
+(tests/benchmarks/bench_loader.py measures that). Layouts, one decoder layer, L = 4:
 
-    smollm2-135m   the default base model: Llama layer, hidden 576, vocab 49 152
-    qwen2.5-7b     the flagship: Qwen2 layer, hidden 3584, vocab 152 064
+    seed       the guide's head: one position of context (the final state), one block per example
+    anchored   how `dmtp train` packs data: sequences of ROWS rows of 4 feature layers, ANCHORS
+               blocks each, the context computed once per sequence
 
-By default the embedding and LM head copied from the base model are frozen (`dmtp train`'s
-default); `--trainable` also measures them trained. Each (shape, batch, frozen) case runs in a
-fresh process so its peak memory (CUDA: max allocated; CPU: peak RSS) is its own.
+each with the full vocabulary and a draft vocabulary (`--draft_vocab`). Shapes:
+
+    smollm2-135m   the default base model: hidden 576, vocab 49 152
+    qwen2.5-7b     the flagship: hidden 3584, vocab 152 064
+
+TFLOP/s counts the head's forward FLOPs (`head_flops`) × 3; divide by the device's peak for MFU.
+Each case runs in a fresh process so its peak memory (CUDA: max allocated; CPU: peak RSS) is its own.
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument(
-        "--batch_sizes", nargs="*", type=int, default=None, help="default: 32 (135m), 4 (7b) on CPU"
+        "--batch_sizes", nargs="*", type=int, default=None, help="blocks per step (default: 256 for 135m; 64 for 7b on CPU, 1024 on GPU)"
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="timed steps (default 20 GPU, 5 CPU)"
