@@ -198,7 +198,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument(
-        "--batch_sizes", nargs="*", type=int, default=None, help="blocks per step (default: 256 for 135m; 64 for 7b on CPU, 1024 on GPU)"
+        "--batch_sizes",
+        nargs="*",
+        type=int,
+        default=None,
+        help="blocks per step (default: 256 for 135m; 64 for 7b on CPU, 1024 on GPU)",
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="timed steps (default 20 GPU, 5 CPU)"
