@@ -294,7 +294,7 @@ def import_pt(config: ImportPtConfig, progress: bool = True) -> ImportResult:
     stride = config.stride or (assembler.shifts.most_common(1)[0][0] if assembler.shifts else size)
     # the stride is known only now; readers count samples with it (--max_samples)
     collection = {**store.attrs["collection"], "stride": int(stride)}
-    store.group.attrs.update({"collection": collection})
+    store.group.update_attributes({"collection": collection})
     writer.finish(
         {
             "n_samples": count_samples(writer.sequence_lengths, size, stride),

@@ -437,7 +437,7 @@ class ShardWriter:
         self.group = zarr.open_group(self.path, mode="a")
         self.stored_layers = store.stored_layers
         self.row_names = ROW_ARRAYS + ((LAYER_STATES,) if self.stored_layers else ())
-        if "hidden_states" not in self.group:
+        if "n_committed" not in self.group.attrs:  # new, or a kill stopped its creation half-way
             self._create_arrays()
         if self.stored_layers and LAYER_STATES not in self.group:
             raise StoreError(
@@ -473,7 +473,7 @@ class ShardWriter:
             if self.arrays[name].shape[0] != self.committed_rows:
                 self.arrays[name].resize((self.committed_rows, *self.arrays[name].shape[1:]))
         if self.group.attrs.get("complete"):
-            self.group.attrs.update({"complete": False})
+            self.group.update_attributes({"complete": False})
 
     @property
     def total_rows(self) -> int:
@@ -493,7 +493,10 @@ class ShardWriter:
         states = {"hidden_states": (hidden_size,)}
         if self.stored_layers:
             states[LAYER_STATES] = (len(self.stored_layers), hidden_size)
+        existing = set(self.group.array_keys())
         for name, inner in states.items():
+            if name in existing:
+                continue
             self.group.create_array(
                 name,
                 shape=(0, *inner),
@@ -505,6 +508,8 @@ class ShardWriter:
                 fill_value=0,
             )
         for name, dtype in ROW_DTYPES.items():
+            if name in existing:
+                continue
             self.group.create_array(
                 name,
                 shape=(0,),
@@ -513,15 +518,16 @@ class ShardWriter:
                 compressors=[ZstdCodec(level=1), Crc32cCodec()],
                 fill_value=0,
             )
-        self.group.create_array(
-            "sequence_offsets",
-            shape=(1,),
-            dtype="int64",
-            chunks=(OFFSETS_CHUNK,),
-            compressors=[ZstdCodec(level=1), Crc32cCodec()],
-            fill_value=0,
-        )
-        self.group.attrs.update({"n_committed": 0, "n_sequences": 0, "complete": False})
+        if "sequence_offsets" not in existing:
+            self.group.create_array(
+                "sequence_offsets",
+                shape=(1,),
+                dtype="int64",
+                chunks=(OFFSETS_CHUNK,),
+                compressors=[ZstdCodec(level=1), Crc32cCodec()],
+                fill_value=0,
+            )
+        self.group.update_attributes({"n_committed": 0, "n_sequences": 0, "complete": False})
 
     def append(self, rows: SequenceRows) -> None:
         """Append one sequence (all its rows). Flushes whole shard files as they fill."""
@@ -556,7 +562,7 @@ class ShardWriter:
         """Write the remaining rows, commit them, and set `complete` last."""
         self.mark_resume_point()
         self._flush(final=True)
-        self.group.attrs.update({**(extra_attrs or {}), "complete": True})
+        self.group.update_attributes({**(extra_attrs or {}), "complete": True})
 
     def _flush(self, final: bool) -> None:
         if self.buffered_rows:
@@ -596,7 +602,7 @@ class ShardWriter:
         offsets[first : sequences + 1] = np.asarray(
             self.offsets[first : sequences + 1], dtype=np.int64
         )
-        self.group.attrs.update({"n_committed": int(rows), "n_sequences": int(sequences)})
+        self.group.update_attributes({"n_committed": int(rows), "n_sequences": int(sequences)})
         self.committed_rows, self.committed_sequences = rows, sequences
 
 

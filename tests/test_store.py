@@ -257,3 +257,60 @@ def test_a_store_without_feature_layers_reads_its_final_state(tmp_path):
 def test_estimated_bytes_count_the_feature_layers():
     assert estimate_bytes_per_row(576, "bfloat16") == 576 * 2 + 17
     assert estimate_bytes_per_row(576, "bfloat16", 3) == 4 * 576 * 2 + 17
+
+
+class Killed(BaseException):
+    """A SIGKILL stand-in: nothing after it runs, not even `finally` blocks that catch Exception."""
+
+
+def test_a_kill_before_any_file_write_is_resumed_to_a_valid_complete_shard(tmp_path, monkeypatch):
+    """Kill the writer before its k-th file write, for every k (every commit boundary and every
+    moment between a row write and its commit); the resumed writer must always end with a shard
+    that validates and holds exactly the sequences, in order."""
+    from zarr.storage import _local
+
+    from dmtp.validate import validate_store
+
+    lengths = [5, 7, 3, 9, 4, 11, 2]
+    sequences = [layered_sequence(n, i, i) for i, n in enumerate(lengths)]
+
+    def write(writer: ShardWriter) -> None:
+        for rows, _, _ in sequences[writer.n_sequences :]:
+            writer.append(rows)
+            writer.mark_resume_point()
+        writer.finish()
+
+    real_put, calls = _local._put, []
+
+    def counting_put(*args, **kwargs):
+        calls.append(1)
+        return real_put(*args, **kwargs)
+
+    clean = layered_store(tmp_path / "clean")
+    monkeypatch.setattr(_local, "_put", counting_put)
+    write(ShardWriter(clean, 0))
+    total = len(calls)
+    assert total > 20  # rows, offsets and attrs files: enough boundaries to be a real test
+
+    for k in range(total):
+        path = tmp_path / f"kill{k}"
+        store = layered_store(path)
+        done = []
+
+        def killing_put(*args, **kwargs):
+            if len(done) == k:
+                raise Killed
+            done.append(1)
+            return real_put(*args, **kwargs)
+
+        monkeypatch.setattr(_local, "_put", killing_put)
+        with pytest.raises(Killed):
+            write(ShardWriter(store, 0))
+        monkeypatch.setattr(_local, "_put", real_put)
+        write(ShardWriter(open_store(path), 0, resume=True))
+        report = validate_store(path)
+        assert report.ok, f"killed before write {k}: {report.summary()}"
+        shard = open_store(path, require_complete=True).shard(0)
+        assert shard.sequence_offsets().tolist() == [0, *np.cumsum(lengths).tolist()], k
+        expected = torch.cat([lay for _, _, lay in sequences]).float().numpy()
+        np.testing.assert_array_equal(shard.read_features(0, sum(lengths), [0, 2]), expected)
