@@ -297,7 +297,7 @@ def test_a_kill_before_any_file_write_is_resumed_to_a_valid_complete_shard(tmp_p
         store = layered_store(path)
         done = []
 
-        def killing_put(*args, **kwargs):
+        def killing_put(*args, k=k, done=done, **kwargs):
             if len(done) == k:
                 raise Killed
             done.append(1)
