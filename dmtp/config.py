@@ -667,3 +667,49 @@ class ImportPtConfig:
     @property
     def store_path(self) -> Path:
         return Path(self.output_dir) / STORE_DIRNAME
+
+
+EXPORT_FORMATS = ("dflash",)
+
+
+@dataclass
+class ExportConfig:
+    """`dmtp export`: a trained head in a serving engine's checkpoint layout (no retraining).
+
+    `dflash` is z-lab's DFlash draft layout, served by SGLang (`--speculative-algorithm DFLASH`) and
+    vLLM (`"method": "dflash"`) and loaded by the reference `dflash.model.DFlashDraftModel`.
+    """
+
+    head_path: str | None = option(None, "trained head folder (`dmtp train`'s <output_dir>/final)")
+    format: str = option("dflash", f"checkpoint layout to write: {', '.join(EXPORT_FORMATS)}")
+    output_dir: str | None = option(
+        None, "folder to write (config.json, model.safetensors, README.md)"
+    )
+    dtype: str = option(
+        "auto",
+        "dtype of the exported weights: auto (as the head was saved), bfloat16, float16, float32",
+        choices=["auto", "bfloat16", "float16", "float32"],
+    )
+    evaluation: str | None = option(
+        None,
+        "a `dmtp evaluate --output` JSON of this head: its τ, acceptance and speedup go into the "
+        "model card",
+    )
+    train_data_dir: str | None = option(
+        None,
+        f"the store the head was trained on (or the output_dir holding {STORE_DIRNAME}): its "
+        "prompts and size go into the model card",
+    )
+    overwrite: bool = option(False, "replace an existing export in output_dir")
+
+    def __post_init__(self) -> None:
+        check(self.head_path is not None, "pass the head to export: --head_path <output_dir>/final")
+        check(self.output_dir is not None, "pass where to write the export: --output_dir DIR")
+        check(
+            self.format in EXPORT_FORMATS,
+            f"format {self.format!r} is not supported: use {' or '.join(EXPORT_FORMATS)}",
+        )
+        check(
+            self.dtype in ("auto", "bfloat16", "float16", "float32"),
+            f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}",
+        )
