@@ -5,6 +5,7 @@ Stages (each runs on its own, without Prefect):
     dmtp validate  -> checks the store before training spends GPU time   (dmtp.validate)
     dmtp train     -> masked-diffusion head, torchrun/DDP, MLflow         (dmtp.train)
     dmtp evaluate  -> speculative decoding: tau, speedup, losslessness   (dmtp.evaluate)
+    dmtp export    -> the head in DFlash's layout for SGLang / vLLM       (dmtp.export)
 """
 
 from importlib.metadata import PackageNotFoundError, version

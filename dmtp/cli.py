@@ -4,6 +4,7 @@
     dmtp validate --data_dir data/
     dmtp train    --train_data_dir data/ --output_dir heads/   (or: torchrun -m dmtp.train ...)
     dmtp evaluate --base_model_path ... --head_path heads/final --input_data_path eval.jsonl
+    dmtp export   --head_path heads/final --format dflash --output_dir exports/head-dflash
 
 Flags come from the stage's config dataclass (dmtp.config), in both `--snake_case` and
 `--kebab-case`, as the original scripts' users type either. Modules are imported only when their
@@ -29,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-pt": ("dmtp.import_pt", "convert the original scripts' .pt files into a store"),
     "train": ("dmtp.train", "train a diffusion MTP head on a store (MLflow-tracked)"),
     "evaluate": ("dmtp.evaluate", "speculative decoding with a head: tau, speedup, losslessness"),
+    "export": ("dmtp.export", "write a head in z-lab's DFlash layout, for SGLang and vLLM"),
 }
 
 

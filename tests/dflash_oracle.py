@@ -7,6 +7,7 @@ transformers.
 
     dflash = load_dflash()                                   # the `dflash.model` module
     draft = dflash_draft_from_head(head, dflash)             # DFlashDraftModel, the head's tensors
+    draft = dflash.DFlashDraftModel.from_pretrained(folder)  # or `dmtp export`'s folder of them
     run = run_peers(dflash, draft, head, base_model, prompt_ids, 64, [eos])   # dmtp and DFlash
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dmtp.head import layer_config
+from dmtp.export import dflash_draft_config
 from dmtp.models import cache_dir, sha256_file
 from dmtp.specdec import HeadDrafter, greedy_decode, speculative_decode
 
@@ -87,15 +88,8 @@ def load_dflash() -> ModuleType:
 
 
 def dflash_config(head: Any) -> Any:
-    """The Qwen3Config a `DFlashDraftModel` of the head's shape is built from."""
-    config = layer_config(head.config)
-    config.dflash_config = {
-        "block_size": int(head.config.block_length),
-        "mask_token_id": int(head.config.mask_token_id),
-        "target_layer_ids": head.config.dflash_target_layer_ids,
-    }
-    config.num_target_layers = int(head.config.num_target_layers)
-    return config
+    """The Qwen3Config a `DFlashDraftModel` of the head's shape is built from: `dmtp export`'s."""
+    return dflash_draft_config(head.config)
 
 
 def dflash_draft_from_head(head: Any, dflash: ModuleType | None = None) -> Any:
