@@ -11,23 +11,19 @@ validate the store, all before any model is built; build or load the head; train
 (`<output_dir>/checkpoint-<step>/`) and the final head (`<output_dir>/final/`), which
 `MTPHeadModel.from_pretrained` and `dmtp evaluate --head_path` load.
 
-A checkpoint holds no pickle: `model.safetensors` + `config.json` (a loadable head),
-`optimizer.safetensors` (tensors of the optimizer state), `rng_state_<rank>.safetensors`, and
-`trainer_state.json` (step, data position, LR-scheduler scalars, param groups, MLflow run id,
-Python/NumPy RNG). Masking noise is drawn from a generator seeded by (seed, rank, step), so a
-resumed run sees the same masks as an uninterrupted one.
+Checkpoints are safetensors + JSON, never pickle (their files: dmtp.checkpoint; MLflow:
+dmtp.tracking). Masking noise is drawn from a generator seeded by (seed, rank, step), so a resumed
+run sees the same masks as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import importlib.util
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -40,12 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dmtp import checkpoint
+from dmtp.checkpoint import FINAL_DIRNAME
 from dmtp.config import TrainConfig, resolve_store_path, to_dict
 from dmtp.errors import DmtpError, StoreError
 
-CHECKPOINT_PREFIX = "checkpoint-"
-FINAL_DIRNAME = "final"
-STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"
 # Fault injection for the resume test: SIGKILL this process right after optimizer step N
 # (after any checkpoint at N is written), as an OOM killer or a lost node would.
@@ -435,141 +430,6 @@ def summarize_draft_counts(
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints: safetensors + JSON, never pickle
-
-
-_STATE_OBJECT_MODULES = ("deepspeed.",)  # the only classes a checkpoint may name (no pickle)
-
-
-def _flatten_state(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Nested dict/list state -> a JSON skeleton; tensors go to `tensors` under their dotted path."""
-    if isinstance(value, torch.Tensor):
-        key = prefix.rstrip(".")
-        tensors[key] = value.detach().to("cpu").contiguous()
-        return {"__tensor__": key}
-    if isinstance(value, dict):
-        if not all(isinstance(k, str | int) for k in value):
-            raise DmtpError(f"cannot checkpoint state with key types {[type(k) for k in value]}")
-        return {
-            "__dict__": [[k, _flatten_state(v, f"{prefix}{k}.", tensors)] for k, v in value.items()]
-        }
-    if isinstance(value, list | tuple):
-        kind = (
-            "__list__" if isinstance(value, list) else "__tuple__"
-        )  # betas=(0.9, 0.999) stay tuples
-        return {kind: [_flatten_state(v, f"{prefix}{i}.", tensors) for i, v in enumerate(value)]}
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if type(value).__module__.startswith(_STATE_OBJECT_MODULES) and hasattr(value, "__dict__"):
-        # DeepSpeed's ZeRO optimizer state holds its loss scaler as an object: keep its fields.
-        cls = type(value)
-        return {
-            "__object__": f"{cls.__module__}:{cls.__qualname__}",
-            "__state__": _flatten_state(vars(value), prefix, tensors),
-        }
-    raise DmtpError(
-        f"cannot checkpoint a {type(value).__name__} at {prefix.rstrip('.')} without pickle"
-    )
-
-
-def _unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(skeleton, dict):
-        if "__tensor__" in skeleton:
-            return tensors[skeleton["__tensor__"]]
-        if "__dict__" in skeleton:
-            return {k: _unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
-        if "__list__" in skeleton:
-            return [_unflatten_state(v, tensors) for v in skeleton["__list__"]]
-        if "__tuple__" in skeleton:
-            return tuple(_unflatten_state(v, tensors) for v in skeleton["__tuple__"])
-        if "__object__" in skeleton:
-            module_name, qualname = skeleton["__object__"].split(":")
-            if not module_name.startswith(_STATE_OBJECT_MODULES):
-                raise DmtpError(f"refusing to rebuild a {skeleton['__object__']} from a checkpoint")
-            cls = importlib.import_module(module_name)
-            for part in qualname.split("."):
-                cls = getattr(cls, part)
-            value = cls.__new__(cls)
-            value.__dict__.update(_unflatten_state(skeleton["__state__"], tensors))
-            return value
-    return skeleton
-
-
-def save_state_dict(state: dict[str, Any], path: Path) -> None:
-    """Any nested optimizer/scheduler state as `<path>.safetensors` (tensors) + `<path>.json` (the rest)."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _flatten_state(state, "", tensors)
-    save_file(tensors, str(path.with_suffix(".safetensors")))
-    path.with_suffix(".json").write_text(json.dumps(skeleton))
-
-
-def load_state_dict(path: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path.with_suffix(".safetensors")))
-    return _unflatten_state(json.loads(path.with_suffix(".json").read_text()), tensors)
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["torch_cuda"] = torch.cuda.get_rng_state()
-    numpy_state = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(numpy_state[1].astype(np.int64))
-    python_state = random.getstate()
-    scalars = {
-        "numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
-        "python": [python_state[0], list(python_state[1]), python_state[2]],
-    }
-    return tensors, scalars
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    if "torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["torch_cuda"])
-    name, pos, has_gauss, cached = scalars["numpy"]
-    np.random.set_state(
-        (name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
-    )
-    version, internal, gauss = scalars["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Finished checkpoints (a state file is written last), oldest first."""
-    found = [
-        p
-        for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-        if p.is_dir()
-        and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
-        and (p / STATE_FILE).exists()
-    ]
-    return sorted(found, key=checkpoint_step)
-
-
-def resolve_resume_path(config: TrainConfig) -> Path | None:
-    if not config.resume_from_checkpoint:
-        return None
-    if config.resume_from_checkpoint == "auto":
-        found = list_checkpoints(Path(config.output_dir))
-        return found[-1] if found else None  # nothing to resume: start fresh
-    path = Path(config.resume_from_checkpoint)
-    if not (path / STATE_FILE).exists():
-        raise DmtpError(
-            f"--resume_from_checkpoint {path}: not a finished checkpoint (no {STATE_FILE}); "
-            f"pass a {CHECKPOINT_PREFIX}<step> folder of --output_dir, or `auto`"
-        )
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
 # MLflow (rank 0 only)
 
 
@@ -810,8 +670,8 @@ class Trainer:
         self.mask_token_id = model.config.mask_token_id
         state: dict[str, Any] | None = None
         if resume_from is not None:
-            state = json.loads((resume_from / STATE_FILE).read_text())
-            self._load_model_weights(model, resume_from)
+            state = checkpoint.read_state(resume_from)
+            checkpoint.load_model_weights(model, resume_from)
         self.train_dl, self.val_dl = make_dataloaders(config, self.plan, self.rank, self.world_size)
         micro_per_epoch = len(self.train_dl)
         if micro_per_epoch == 0:
@@ -1116,36 +976,20 @@ class Trainer:
             model = self.accelerator.unwrap_model(self.model)
             model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
 
-    def _load_model_weights(self, model: Any, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(folder / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise DmtpError(
-                f"{folder}: the checkpoint does not fit this head (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}); resume with the flags of the original run"
-            )
-
     def save_checkpoint(self) -> Path:
         """`<output_dir>/checkpoint-<step>/`, written under a temporary name and renamed when complete."""
-        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
-        tmp = self.output_dir / f".{final.name}.tmp"
+        tmp, final = checkpoint.staging_dir(self.output_dir, self.step)
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self._save_model(tmp)
         deepspeed = self.accelerator.distributed_type.name == "DEEPSPEED"
-        # Under DDP every rank holds the same optimizer state; under ZeRO each holds its partition.
         if self.is_main or deepspeed:
-            name = f"optimizer_rank{self.rank}" if deepspeed else "optimizer"
-            save_state_dict(self.optimizer.state_dict(), tmp / name)
-        from safetensors.torch import save_file
-
-        rng_tensors, rng_scalars = _rng_state()
-        save_file(rng_tensors, str(tmp / f"rng_state_{self.rank}.safetensors"))
-        (tmp / f"rng_state_{self.rank}.json").write_text(json.dumps(rng_scalars))
+            checkpoint.save_state_dict(
+                self.optimizer.state_dict(), checkpoint.optimizer_path(tmp, self.rank, deepspeed)
+            )
+        checkpoint.save_rng_state(tmp, self.rank)
         self.accelerator.wait_for_everyone()
         if self.is_main:
             state = {
@@ -1159,32 +1003,23 @@ class Trainer:
                 "losses": {str(k): v for k, v in sorted(self.losses.items())},
                 "config": to_dict(self.config),
             }
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            self._prune_checkpoints()
+            checkpoint.commit_checkpoint(tmp, final, state)
+            checkpoint.prune_checkpoints(self.output_dir, self.config.save_total_limit)
             if self.config.mlflow_log_checkpoints:
                 self.tracker.log_artifacts(final, f"checkpoints/{final.name}")
         self.accelerator.wait_for_everyone()
         return final
 
-    def _prune_checkpoints(self) -> None:
-        limit = self.config.save_total_limit
-        if limit:
-            for old in list_checkpoints(self.output_dir)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
-
     def _load_training_state(self, folder: Path, state: dict[str, Any]) -> None:
-        from safetensors.torch import load_file
-
         if state["world_size"] != self.world_size:
             raise DmtpError(
                 f"{folder} was written by {state['world_size']} processes, this run has {self.world_size}: "
                 "resume with the same --nproc_per_node so the data order and loss curve continue"
             )
         deepspeed = self.accelerator.distributed_type.name == "DEEPSPEED"
-        name = f"optimizer_rank{self.rank}" if deepspeed else "optimizer"
-        optimizer_state = load_state_dict(folder / name)
+        optimizer_state = checkpoint.load_state_dict(
+            checkpoint.optimizer_path(folder, self.rank, deepspeed)
+        )
         if deepspeed:
             # ZeRO wants the list of all ranks' states but reads only its own (non-elastic), and
             # should rebuild its fp32 master weights from the saved fp32 partition, not from the
@@ -1199,11 +1034,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
         self.losses = {int(k): v for k, v in state.get("losses", {}).items()}
-        rng_file = folder / f"rng_state_{self.rank}.safetensors"
-        if rng_file.exists():
-            _set_rng_state(
-                load_file(str(rng_file)), json.loads(rng_file.with_suffix(".json").read_text())
-            )
+        checkpoint.load_rng_state(folder, self.rank)
 
     def save_final(self) -> Path:
         final_dir = self.output_dir / FINAL_DIRNAME
@@ -1251,7 +1082,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     transformers_logging.disable_progress_bar()  # per-file save/load bars would drown the log
     plan = plan_training(config)  # cheap checks on every rank, before any process group exists
-    resume_from = resolve_resume_path(config)
+    resume_from = checkpoint.resolve_resume_path(config.resume_from_checkpoint, config.output_dir)
     accelerator = make_accelerator(config)
     try:
         _agree_on_validation(config, plan, accelerator)

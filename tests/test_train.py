@@ -361,8 +361,8 @@ def test_deepspeed_flag_errors_name_the_file(tmp_path):
 
 
 def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
+    from dmtp.checkpoint import load_state_dict, save_state_dict
     from dmtp.errors import DmtpError
-    from dmtp.train import load_state_dict, save_state_dict
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
