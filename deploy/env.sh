@@ -11,6 +11,8 @@ export DMTP_SERVICES_DIR="${DMTP_SERVICES_DIR:-$DMTP_DATA_ROOT/services}"
 export PREFECT_HOME="${PREFECT_HOME:-$DMTP_REPO/.prefect}"  # project-local: profiles and server db
 export PREFECT_PORT="${PREFECT_PORT:-4200}"
 export MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+# Where deploy/up.sh binds both servers. Beyond 127.0.0.1 it needs credentials (deploy/up.sh).
+export DMTP_BIND_HOST="${DMTP_BIND_HOST:-127.0.0.1}"
 export PREFECT_API_URL="${PREFECT_API_URL:-http://127.0.0.1:$PREFECT_PORT/api}"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://127.0.0.1:$MLFLOW_PORT}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false

@@ -37,3 +37,30 @@ PY
     return 1
   fi
 }
+
+# is_loopback HOST: true for addresses only this machine can reach (127.0.0.0/8, ::1, localhost).
+is_loopback() {
+  case "$1" in
+    127.*|localhost|::1|"[::1]") return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+# http_status URL [CREDENTIALS]: the HTTP status of a GET of URL (000 when nothing answers), sent
+# with `Authorization: Basic base64(CREDENTIALS)` when given. Prefect's auth string and MLflow's
+# user:password travel the same way. The credentials go through the environment, not argv (ps).
+http_status() {
+  DMTP_HTTP_CREDENTIALS="${2:-}" "$DMTP_VENV/bin/python" - "$1" <<'PY'
+import base64, os, sys, urllib.error, urllib.request
+request = urllib.request.Request(sys.argv[1])
+if credentials := os.environ["DMTP_HTTP_CREDENTIALS"]:
+    request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+        print(response.status)
+except urllib.error.HTTPError as error:
+    print(error.code)
+except OSError:
+    print("000")
+PY
+}
