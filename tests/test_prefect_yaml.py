@@ -149,3 +149,22 @@ def test_pull_step_points_at_the_checkout_it_was_deployed_from():
     assert directory.resolve() == REPO_ROOT
     for deployment in config["deployments"]:
         assert (directory / deployment["entrypoint"].split(":")[0]).is_file()
+
+
+def test_prefect_version_is_one_the_project_pins():
+    """`prefect-version` records the Prefect that `prefect deploy` ran with: pyproject must admit it,
+    as must it admit the Prefect installed here."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    (pin,) = [
+        Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("prefect")
+    ]
+    recorded = str(yaml.safe_load(PREFECT_YAML.read_text())["prefect-version"])
+    assert pin.specifier.contains(recorded), (
+        f"prefect.yaml prefect-version {recorded} is outside pyproject.toml's {pin}"
+    )
+    assert pin.specifier.contains(version("prefect")), (version("prefect"), str(pin))
