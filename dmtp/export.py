@@ -242,14 +242,15 @@ def export_dflash(config: ExportConfig) -> ExportResult:
 
     draft = dflash_draft_config(head_config)
     draft.dtype = dtype
+    caveats = serving_caveats(head_config)
     draft.dmtp_export = {
         "schema": EXPORT_SCHEMA,
         "dmtp_version": dmtp.__version__,
         "head": str(path.resolve()),
         "base_model": head_config.base_model,
         "feature_layers": list(head_config.feature_layers),
+        "serving_caveats": caveats,
     }
-    caveats = serving_caveats(head_config)
     parameters = sum(t.numel() for t in tensors.values())
     summary = _train_summary(path)
 

@@ -1,4 +1,5 @@
-"""The `collect-and-train` flow: collect -> validate -> train -> evaluate, cached and retryable.
+"""The `collect-and-train` flow: collect -> validate -> train -> evaluate -> export, cached and
+retryable, with the results published as Prefect artifacts.
 
     python -m flows.demo                                     # the whole job, embedded default
     prefect deploy --all && prefect deployment run collect-and-train/gpu   # on the gpu-pool workers
@@ -30,11 +31,27 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from dmtp.config import CollectConfig, DataConfig, EvalConfig, StoreLayout, TrainConfig
+from dmtp.config import (
+    CollectConfig,
+    DataConfig,
+    EvalConfig,
+    ExportConfig,
+    StoreLayout,
+    TrainConfig,
+)
 from tasks.collect import collect_shard, model_name, plan_collection
 from tasks.evaluate import evaluate_head
+from tasks.export import export_head
 from tasks.launch import visible_gpus
-from tasks.manifests import CollectionPlan, HeadManifest, ShardManifest, StoreManifest
+from tasks.manifests import (
+    CollectionPlan,
+    EvaluationManifest,
+    ExportManifest,
+    HeadManifest,
+    ShardManifest,
+    StoreManifest,
+)
+from tasks.publish import artifact_key_base, publish_results
 from tasks.train import train_config, train_head
 from tasks.validate import StoreInvalid, plan_existing_store, validate_store
 
@@ -56,6 +73,7 @@ LAYOUT = field_defaults(StoreLayout)
 TRAIN = field_defaults(TrainConfig)
 DATA = field_defaults(DataConfig)
 EVAL = field_defaults(EvalConfig)
+EXPORT = field_defaults(ExportConfig)
 
 # Flow parameter -> (config class, field) it feeds. One source of truth for every default:
 # tests/test_prefect_yaml.py checks each default below against the dataclass field.
@@ -238,6 +256,49 @@ def train_and_evaluate(
     return head, evaluation, cached
 
 
+def export_and_publish(
+    store: StoreManifest,
+    head: HeadManifest,
+    evaluation: EvaluationManifest | None,
+    root: Path,
+    *,
+    export: bool,
+    key: str,
+    refresh_cache: bool,
+    stall_timeout_s: float,
+) -> tuple[dict[str, Any], dict[str, bool]]:
+    """Export the head in the DFlash layout (if asked) and publish this run's results as Prefect
+    artifacts; returns what the summary reports of both, and whether the export was cached."""
+    logger = get_run_logger()
+    exported: ExportManifest | None = None
+    cached: dict[str, bool] = {}
+    if export:
+        settings = {"format": EXPORT["format"], "dtype": EXPORT["dtype"]}
+        task = configured(export_head, root, refresh_cache)
+        state = task(
+            head, store, evaluation, settings, stall_timeout_s=stall_timeout_s, return_state=True
+        )
+        exported = state.result()
+        cached["export"] = _cached(state)
+    artifacts = publish_results(key, store.model.name, head, evaluation, exported)
+    facts: dict[str, Any] = {"artifacts": artifacts}
+    if exported is not None:
+        facts["export"] = exported.output_dir if exported.exported else None
+        facts["export_refused"] = exported.reason
+        facts["serving_caveats"] = exported.serving_caveats
+        logger.info(
+            "DFlash export: %s",
+            exported.output_dir if exported.exported else f"none ({exported.reason})",
+        )
+    return facts, cached
+
+
+def _artifact_key(flow_name: str, override: str | None) -> str:
+    from prefect.runtime import deployment
+
+    return artifact_key_base(flow_name, deployment.name, override)
+
+
 def summarize(
     store: StoreManifest,
     head: HeadManifest | None,
@@ -354,6 +415,9 @@ def collect_and_train(
     eval_max_new_tokens: int = EVAL["max_new_tokens"],
     eval_max_prompts: int | None = EVAL["max_prompts"],
     denoising_steps: int = EVAL["denoising_steps"],
+    # serving and results
+    export: bool = True,
+    artifact_key: str | None = None,
     # operations
     device: str = COLLECT["device"],
     refresh_cache: bool = False,
@@ -368,6 +432,10 @@ def collect_and_train(
     train_options: any other TrainConfig/DataConfig field, e.g. {"kappa": 3.0, "eval_steps": 50}.
     nproc_per_node: training ranks; default one per visible GPU, one on a CPU host.
     evaluate: run speculative decoding with the head (τ, speedup) and attach it to the MLflow run.
+    export: write the head in z-lab's DFlash layout for SGLang/vLLM, with a model card (a head the
+        layout cannot express is reported, not failed).
+    artifact_key: base of the Prefect artifact keys (evaluation table, MLflow link); default
+        `collect-and-train-<deployment>`, `-local` outside a deployment.
     refresh_cache: redo every stage even where a cached result exists.
     max_parallel_shards: shards collected at once; default one per visible GPU (1 on CPU).
     stall_timeout_minutes: kill and retry a stage that printed nothing and wrote nothing this long.
@@ -407,7 +475,18 @@ def collect_and_train(
         refresh_cache=refresh_cache,
         stall_timeout_s=stall_s,
     )
-    summary = summarize(store, head, evaluation, {**cached, **train_cached}, shard_facts)
+    facts, export_cached = export_and_publish(
+        store,
+        head,
+        evaluation,
+        root,
+        export=export,
+        key=_artifact_key("collect-and-train", artifact_key),
+        refresh_cache=refresh_cache,
+        stall_timeout_s=stall_s,
+    )
+    cached = {**cached, **train_cached, **export_cached}
+    summary = {**summarize(store, head, evaluation, cached, shard_facts), **facts}
     logger.info(headline(summary))
     return summary
 
@@ -529,11 +608,16 @@ def train(
     eval_max_new_tokens: int = EVAL["max_new_tokens"],
     eval_max_prompts: int | None = EVAL["max_prompts"],
     denoising_steps: int = EVAL["denoising_steps"],
+    export: bool = True,
+    artifact_key: str | None = None,
     device: str = TRAIN["device"],
     refresh_cache: bool = False,
     stall_timeout_minutes: float = 60.0,
 ) -> dict[str, Any]:
-    """Validate an existing store (`train_data_dir`), train a head on it, and evaluate the head."""
+    """Validate an existing store (`train_data_dir`), train a head on it, evaluate and export it.
+
+    Parameters as collect-and-train's; artifact keys default to `train-<deployment>`.
+    """
     logger = get_run_logger()
     root = resolve_data_root(data_root)
     tracking_uri = resolve_tracking_uri(mlflow_tracking_uri, root)
@@ -557,6 +641,17 @@ def train(
         refresh_cache=refresh_cache,
         stall_timeout_s=stall_s,
     )
-    summary = summarize(store, head, evaluation, {"validate": _cached(state), **cached})
+    facts, export_cached = export_and_publish(
+        store,
+        head,
+        evaluation,
+        root,
+        export=export,
+        key=_artifact_key("train", artifact_key),
+        refresh_cache=refresh_cache,
+        stall_timeout_s=stall_s,
+    )
+    cached = {"validate": _cached(state), **cached, **export_cached}
+    summary = {**summarize(store, head, evaluation, cached), **facts}
     logger.info(headline(summary))
     return summary

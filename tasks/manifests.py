@@ -102,3 +102,15 @@ class EvaluationManifest(BaseModel):
     summary: dict[str, Any] = Field(default_factory=dict)
     seconds: float
     log_path: str
+
+
+class ExportManifest(BaseModel):
+    """A head in a serving layout (`dmtp export`), or why it has none."""
+
+    format: str  # "dflash"
+    output_dir: str  # the exported folder; for a refused head, the folder holding refused.txt
+    exported: bool
+    reason: str | None = None  # why the head cannot be expressed in `format` (exported is False)
+    serving_caveats: list[str] = Field(default_factory=list)  # dmtp.export.serving_caveats
+    seconds: float
+    log_path: str

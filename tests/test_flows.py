@@ -30,6 +30,7 @@ TINY = {  # small enough that a whole flow takes seconds on two CPU cores
     "logging_steps": 1,
     "save_steps": 100,
     "evaluate": False,
+    "export": False,  # test_a_run_exports_the_head_and_publishes_its_results turns both on
 }
 
 
@@ -184,6 +185,64 @@ def test_a_larger_data_budget_adds_shards_to_the_same_store(
     assert [s["rows"] for s in large["shards"]][0] == small["store_rows"]
     assert large["store_sequences"] == N_PROMPTS and large["store_rows"] > small["store_rows"]
     assert {p: p.stat().st_mtime_ns for p in written} == written, "shard 0 was collected again"
+
+
+def test_a_run_exports_the_head_and_publishes_its_results(
+    prefect_backend, debug_model_dir, prompts, tmp_path
+):
+    """The export stage writes the DFlash folder (cached on a rerun); the evaluation table and the
+    link to the MLflow run are artifacts of the flow run under stable keys, read back through the
+    Prefect client, and a second run adds to the same keys' history."""
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.collect_and_train import collect_and_train
+
+    parameters = _parameters(
+        debug_model_dir,
+        prompts,
+        tmp_path,
+        evaluate=True,
+        export=True,
+        eval_max_prompts=2,
+        eval_max_new_tokens=12,
+        artifact_key="Flow test: tiny",
+    )
+    state = collect_and_train(**parameters, return_state=True)
+    summary = state.result()
+    keys = {"table": "flow-test-tiny-evaluation", "link": "flow-test-tiny-mlflow-run"}
+    assert summary["artifacts"] == keys
+    export = Path(summary["export"])
+    config = json.loads((export / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"] and config["dflash_config"]
+    assert (export / "model.safetensors").is_file()
+    assert (
+        f"| this head | {summary['acceptance_length']:.3f} |" in (export / "README.md").read_text()
+    )
+
+    def artifacts(key: str) -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+
+    [table] = artifacts(keys["table"])
+    assert table.type == "table" and table.flow_run_id == state.state_details.flow_run_id
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [row["method"] for row in rows] == ["head", "prompt lookup", "greedy"]
+    assert rows[0]["tau"] == round(summary["acceptance_length"], 3)
+    assert rows[0]["speedup"] == round(summary["speedup"], 3) and rows[2]["speedup"] == 1.0
+    assert {"acceptance_pos1", "acceptance_pos2", "acceptance_pos3", "tokens_per_s"} <= set(rows[0])
+    [link] = artifacts(keys["link"])
+    run = mlflow.MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
+    page = f"#/experiments/{run.info.experiment_id}/runs/{summary['mlflow_run_id']}"
+    assert f"(http://127.0.0.1:5000/{page})" in link.data
+    assert "mlflow ui --backend-store-uri sqlite:///" in link.description
+
+    again = collect_and_train(**parameters)
+    assert again["cached"]["export"] and again["export"] == summary["export"]
+    assert len(artifacts(keys["table"])) == 2 and len(artifacts(keys["link"])) == 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ FLOW_ONLY = {
     "train_options",
     "nproc_per_node",
     "evaluate",
+    "export",
+    "artifact_key",
     "refresh_cache",
     "max_parallel_shards",
     "stall_timeout_minutes",
