@@ -291,7 +291,8 @@ class EvalConfig:
     mlflow_tracking_uri: str | None = option(
         None,
         "log results to this MLflow tracking store or server (e.g. sqlite:///mlflow.db); default "
-        "$MLFLOW_TRACKING_URI; neither set: no logging",
+        "the store the head's training logged to, else $MLFLOW_TRACKING_URI; none of them: no "
+        "logging",
     )
     mlflow_run_id: str | None = option(
         None, "log into this run (e.g. the head's training run); unset: a new run, linked by tag"
@@ -551,7 +552,16 @@ class TrainConfig:
         "mlflow", "where metrics go: mlflow, or none", choices=["mlflow", "none"]
     )
     run_name: str | None = option(None, "MLflow run name (default: output_dir's name)")
-    mlflow_log_checkpoints: bool = option(True, "copy each checkpoint into the run's artifacts")
+    mlflow_log_checkpoints: bool = option(
+        False,
+        "also upload each checkpoint into the run's artifacts (default: checkpoints stay local; "
+        "only the final head is uploaded)",
+    )
+    mlflow_registered_model: str | None = option(
+        None,
+        "register the final head in the MLflow model registry under this name (default "
+        "dmtp-<base model name>, one version per training; `none`: log it without registering)",
+    )
     test_mode: bool = option(
         False, "smoke run: at most 20 steps on at most 64 samples, logging every step"
     )

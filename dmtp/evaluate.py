@@ -28,7 +28,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,22 +215,26 @@ def load_head_drafter(config: EvalConfig, base: BaseModel) -> tuple[HeadDrafter,
         "denoising_steps": config.denoising_steps,
         "first_position": config.first_position,
         "base_model": head_config.base_model,
-        "mlflow_run_id": _recorded_run_id(path),
+        "mlflow_run_id": recorded_training(path).get("mlflow_run_id"),
     }
     return drafter, info
 
 
-def _recorded_run_id(path: Path) -> str | None:
-    """The MLflow run that trained the head: `dmtp train` records it in a checkpoint's
-    `trainer_state.json`, and beside the final head in `<output_dir>/train_summary.json`."""
+def recorded_training(path: str | Path) -> dict[str, str]:
+    """The MLflow run that trained the head, and the tracking store it is in (when recorded):
+    `dmtp train` writes them into a checkpoint's `trainer_state.json`, and beside the final head
+    into `<output_dir>/train_summary.json`."""
+    path = Path(path)
     for state in (path / "trainer_state.json", path.parent / "train_summary.json"):
         try:
-            run_id = json.loads(state.read_text()).get("mlflow_run_id")
-        except (OSError, json.JSONDecodeError, AttributeError):
+            values = json.loads(state.read_text())
+        except (OSError, json.JSONDecodeError):
             continue
-        if run_id:
-            return str(run_id)
-    return None
+        if isinstance(values, dict) and values.get("mlflow_run_id"):
+            return {
+                k: str(values[k]) for k in ("mlflow_run_id", "mlflow_tracking_uri") if values.get(k)
+            }
+    return {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,6 +545,18 @@ def _flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def version_tags(result: dict[str, Any]) -> dict[str, str]:
+    """What the head's registered model version shows: its τ and speedup, beside prompt lookup's."""
+    tags = {"eval_prompts": str(result["settings"].get("input_data_path", ""))}
+    for name, prefix in (("head", ""), ("prompt_lookup", "prompt_lookup_")):
+        overall = result["drafters"].get(name, {}).get("overall", {})
+        for key in ("tau", "speedup"):
+            if overall.get(key) is not None:
+                tags[f"{prefix}{key}"] = f"{overall[key]:.4f}"
+    tags["lossless"] = str(result["lossless"]).lower()
+    return tags
+
+
 def log_evaluation_to_mlflow(
     result: dict[str, Any],
     tracking_uri: str,
@@ -552,38 +567,27 @@ def log_evaluation_to_mlflow(
     """Attach an evaluation to MLflow: metrics, `evaluation/evaluation.json`, `evaluation/evaluation.png`.
 
     With `run_id`, into that run (e.g. the head's training run, finished or not). Otherwise into a
-    new run of `experiment`, tagged `dmtp.evaluates_run` = `linked_run_id` when given. Returns the
-    run id. Uses `MlflowClient`, so no active run is started or ended behind the caller's back.
+    new run of `experiment`, tagged `dmtp.evaluates_run` = `linked_run_id` when given. The
+    training run's registered head version gets τ and speedup as tags (dmtp.tracking.log_evaluation).
+    Returns the run id.
     """
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    from dmtp.tracking import log_evaluation
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    created = run_id is None
-    if created:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        tags = {"mlflow.runName": "evaluate", "dmtp.stage": "evaluate"}
-        if linked_run_id:
-            tags["dmtp.evaluates_run"] = linked_run_id
-        run_id = client.create_run(experiment_id, tags=tags).info.run_id
-    now = int(time.time() * 1000)
-    metrics = [Metric(key, value, now, 0) for key, value in _flat_metrics(result).items()]
-    params = []
-    # An existing training run already holds params, maybe under these names with other values.
-    if created:
-        params = [Param(f"eval.{k}", str(v)[:500]) for k, v in result["settings"].items()]
-    client.log_batch(run_id, metrics=metrics, params=params)
     with tempfile.TemporaryDirectory(prefix="dmtp-eval-") as tmp:
         json_path = Path(tmp) / "evaluation.json"
         json_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
         png_path = plot_evaluation(result, Path(tmp) / "evaluation.png")
-        client.log_artifact(run_id, str(json_path), "evaluation")
-        client.log_artifact(run_id, str(png_path), "evaluation")
-    client.set_tag(run_id, "dmtp.evaluation", headline(result))
-    if created:
-        client.set_terminated(run_id)
-    return run_id
+        return log_evaluation(
+            tracking_uri,
+            metrics=_flat_metrics(result),
+            params=result["settings"],
+            files=[json_path, png_path],
+            summary=headline(result),
+            version_tags=version_tags(result),
+            run_id=run_id,
+            experiment=experiment,
+            linked_run_id=linked_run_id,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,14 +598,20 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole evaluation of `config`; every input is checked before any decoding."""
     from dmtp.models import load_base_model
     from dmtp.prompts import scan_prompts
+    from dmtp.tracking import resolve_tracking_uri
 
     prompts_path = config.prompts_path
-    tracking_uri = config.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if config.mlflow_run_id and not tracking_uri:
-        raise DmtpError("--mlflow_run_id needs --mlflow_tracking_uri (or $MLFLOW_TRACKING_URI)")
     scan_prompts(prompts_path)  # a malformed line fails now, not after the model has loaded
+    trained = {}
     if config.head_path is not None:
         check_head_folder(config.head_path)
+        trained = recorded_training(config.head_path)
+    # Results join the head's training run where it was logged; no store known: no logging.
+    tracking_uri = resolve_tracking_uri(
+        config.mlflow_tracking_uri or trained.get("mlflow_tracking_uri"), data_dir=None
+    )
+    if config.mlflow_run_id and not tracking_uri:
+        raise DmtpError("--mlflow_run_id needs --mlflow_tracking_uri (or $MLFLOW_TRACKING_URI)")
     base = load_base_model(config.base_model_path, config.device, config.dtype)
 
     drafters: dict[str, Drafter] = {}

@@ -40,6 +40,7 @@ from dmtp import checkpoint
 from dmtp.checkpoint import FINAL_DIRNAME
 from dmtp.config import TrainConfig, resolve_store_path, to_dict
 from dmtp.errors import DmtpError, StoreError
+from dmtp.tracking import Tracker, flatten_params, registered_model_name
 
 LOG_FILE = "train_log.jsonl"
 # Fault injection for the resume test: SIGKILL this process right after optimizer step N
@@ -430,105 +431,6 @@ def summarize_draft_counts(
 
 
 # ----------------------------------------------------------------------------------------------
-# MLflow (rank 0 only)
-
-
-def default_tracking_uri(output_dir: str | Path) -> str:
-    """$MLFLOW_TRACKING_URI, else a SQLite store beside the output folder (shared by sibling runs)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(output_dir).resolve().parent / 'mlflow.db'}"
-
-
-class Tracker:
-    """One MLflow run per training (continued on resume); every call is a no-op off rank 0."""
-
-    def __init__(self, config: TrainConfig, enabled: bool):
-        self.enabled = enabled
-        self.run_id: str | None = None
-        self.tracking_uri = config.mlflow_tracking_uri or default_tracking_uri(config.output_dir)
-        if config.report_to == "none":
-            self.enabled = enabled = False
-            self.tracking_uri = "(MLflow off: --report_to none)"
-        if not enabled:
-            return
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        import mlflow
-
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(self.tracking_uri)
-
-    def start(
-        self, config: TrainConfig, run_id: str | None, params: dict[str, Any], tags: dict[str, str]
-    ) -> None:
-        if not self.enabled:
-            return
-        mlflow = self.mlflow
-        experiment = mlflow.get_experiment_by_name(config.experiment_name)
-        if experiment is None:
-            artifact_location = None
-            if self.tracking_uri.startswith("sqlite:///"):
-                # Keep artifacts beside the database, not in whatever directory the job started in.
-                db_path = Path(self.tracking_uri.removeprefix("sqlite:///"))
-                artifact_location = (db_path.parent / "mlartifacts").resolve().as_uri()
-            try:
-                experiment_id = mlflow.create_experiment(config.experiment_name, artifact_location)
-            except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
-                experiment_id = mlflow.get_experiment_by_name(config.experiment_name).experiment_id
-        else:
-            experiment_id = experiment.experiment_id
-        if run_id is not None:
-            try:
-                mlflow.get_run(run_id)
-            except mlflow.exceptions.MlflowException:
-                print(
-                    f"dmtp train: MLflow run {run_id} of the checkpoint is not in "
-                    f"{self.tracking_uri}; logging the resumed training to a new run",
-                    file=sys.stderr,
-                )
-                run_id = None
-        run = mlflow.start_run(
-            run_id=run_id,
-            experiment_id=None if run_id else experiment_id,
-            run_name=None
-            if run_id
-            else (config.run_name or Path(config.output_dir).resolve().name),
-            log_system_metrics=True,
-        )
-        self.run_id = run.info.run_id
-        if run_id is None:
-            mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-        mlflow.set_tags(tags)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled and self.run_id:
-            self.mlflow.log_metrics(metrics, step=step)
-
-    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
-        if self.enabled and self.run_id:
-            self.mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id:
-            self.mlflow.end_run(status=status)
-
-
-def _param_value(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, dict | list) else str(value)
-    return text[:6000]  # MLflow's limit on a param value
-
-
-def flatten_params(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and key in ("data",):
-            flat.update(flatten_params(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-# ----------------------------------------------------------------------------------------------
 # the trainer
 
 
@@ -702,7 +604,9 @@ class Trainer:
         if state is not None:
             self._load_training_state(resume_from, state)
         run_id = state.get("mlflow_run_id") if state else None
-        self.tracker.start(config, run_id, self._params(), self._tags(resume_from))
+        self.tracker.start(
+            config, run_id, self._params(), self._tags(resume_from), self.plan.store_path
+        )
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             total, trainable = self.parameter_counts
@@ -754,6 +658,29 @@ class Trainer:
         }
         if resume_from is not None:
             tags[f"dmtp.resumed_at_step_{self.step}"] = str(resume_from)
+        return tags
+
+    def _registered_model(self) -> str | None:
+        """--mlflow_registered_model, else `dmtp-<base model>`; `none`: do not register."""
+        chosen = self.config.mlflow_registered_model
+        if chosen is not None:
+            return None if chosen.lower() == "none" else chosen
+        identity = self.plan.base_model_identity or {}
+        return registered_model_name(identity.get("name_or_path") or self.plan.base_model_path)
+
+    def _model_tags(self) -> dict[str, str]:
+        """What a registered head version says about itself (evaluation adds τ and speedup)."""
+        identity = self.plan.base_model_identity or {}
+        tags = {
+            "base_model": str(identity.get("name_or_path") or self.plan.base_model_path or ""),
+            "base_model_fingerprint": str(identity.get("fingerprint", "")),
+            "block_length": str(self.config.block_length),
+            "feature_layers": ",".join(map(str, self.plan.feature_layers)),
+            "store": str(self.plan.store_path),
+            "steps": str(self.step),
+        }
+        if "val/tau" in self.last_eval:
+            tags["val_tau"] = f"{self.last_eval['val/tau']:.4f}"
         return tags
 
     # -- the loop ------------------------------------------------------------------------------
@@ -1000,6 +927,7 @@ class Trainer:
                 "world_size": self.world_size,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "mlflow_run_id": self.tracker.run_id,
+                "mlflow_tracking_uri": self.tracker.tracking_uri,
                 "losses": {str(k): v for k, v in sorted(self.losses.items())},
                 "config": to_dict(self.config),
             }
@@ -1043,13 +971,18 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self._save_model(final_dir)
         if self.is_main:
+            # Only the final head is uploaded (checkpoints with --mlflow_log_checkpoints).
+            model = self.tracker.log_head(
+                final_dir, self.step, self._registered_model(), self._model_tags()
+            )
             summary = {
                 "step": self.step,
                 "mlflow_run_id": self.tracker.run_id,
+                "mlflow_tracking_uri": self.tracker.tracking_uri if self.tracker.run_id else None,
+                **model,
                 "metrics": self.last_eval,
             }
             (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-            self.tracker.log_artifacts(final_dir, "head")
             self.tracker.finish()
         self.accelerator.wait_for_everyone()
         return final_dir

@@ -158,7 +158,7 @@ def test_a_held_lease_is_renewed(tmp_path):
         (
             "train",
             TrainConfig(
-                train_data_dir="d", output_dir="o", mlflow_log_checkpoints=False, learning_rate=1e-3,
+                train_data_dir="d", output_dir="o", mlflow_log_checkpoints=True, learning_rate=1e-3,
                 max_steps=5, validate_sample=0.0, feature_layers="2,15,28", context_window=64,
                 init_from_base=True, objective="decode_all", position_decay=7.0,
                 data=DataConfig(block_length=3, loss_on="all", anchors_per_sequence=16, max_sequence_rows=512),

@@ -225,10 +225,16 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(tiny_store, tracking_
     ):  # fmt: skip
         assert metric in run.data.metrics, metric
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"head", "checkpoints"} <= artifacts
-    head_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "head")}
-    assert head_files == {"config.json", "model.safetensors"}
+    # checkpoints stay local; the final head is the run's logged model, registered per base model
+    assert client.list_artifacts(run.info.run_id) == []
+    (output,) = run.outputs.model_outputs
+    head_files = {Path(a.path).name for a in client.list_logged_model_artifacts(output.model_id)}
+    assert head_files == {"MLmodel", "config.json", "model.safetensors"}
+    (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    assert version.name == "dmtp-no-base-model"  # the synthetic store names no base model
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["registered_model_version"] == str(version.version)
+    assert summary["mlflow_tracking_uri"] == tracking_uri
 
     from dmtp.head import MTPHeadModel
 
