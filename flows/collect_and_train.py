@@ -131,11 +131,9 @@ def resolve_data_root(data_root: str | None) -> Path:
 
 def resolve_tracking_uri(mlflow_tracking_uri: str | None, root: Path) -> str:
     """The parameter, else $MLFLOW_TRACKING_URI, else a SQLite store in the data root."""
-    return (
-        mlflow_tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{root / 'mlflow.db'}"
-    )
+    from dmtp.tracking import resolve_tracking_uri as resolve
+
+    return str(resolve(mlflow_tracking_uri, root))
 
 
 def configured(task: Any, root: Path, refresh_cache: bool) -> Any:

@@ -20,6 +20,7 @@ from tasks.launch import (
     run_stage,
 )
 from tasks.manifests import EvaluationManifest, HeadManifest, StoreManifest
+from tasks.tracking import flow_run_context, mlflow_environment
 
 RETRY_DELAYS_S = [10, 60, 300]
 
@@ -94,11 +95,14 @@ def evaluate_head(
         mlflow_tracking_uri=head.mlflow_tracking_uri,
         mlflow_run_id=head.mlflow_run_id,
     )
+    env = mlflow_environment(flow_run_context()[1])  # tags of a new evaluation run, if one is made
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     run = run_stage(
         "evaluate",
         dmtp_command("evaluate", *config_flags(config)),
         log_path=Path(head.output_dir) / "logs" / "evaluate.log",
-        env={"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else None,
+        env=env or None,
         timeout_s=timeout_s,
         stall_timeout_s=stall_timeout_s,
         logger=logger,

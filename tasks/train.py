@@ -24,6 +24,7 @@ from tasks.launch import (
     run_stage,
 )
 from tasks.manifests import HeadManifest, StoreManifest
+from tasks.tracking import flow_run_context, mlflow_environment
 
 RETRY_DELAYS_S = [30, 300, 900]
 # TrainConfig fields the task sets itself; a flow's training settings may not name them.
@@ -143,6 +144,9 @@ def train_head(
     logger = run_logger()
     fail_once_if_requested("train_head")
     output_dir = head_dir(store, settings, nproc_per_node, data_root)
+    # The MLflow run is named after the flow run and tagged with it (not part of the cache key).
+    flow_run_name, run_tags = flow_run_context()
+    naming = {"run_name": flow_run_name} if flow_run_name and not settings.get("run_name") else {}
     config = train_config(
         settings,
         train_data_dir=store.store_path,
@@ -150,12 +154,17 @@ def train_head(
         validate_sample=0.0,  # validate_store has just checked this very store
         mlflow_tracking_uri=mlflow_tracking_uri,
         resume_from_checkpoint="auto",  # a retried attempt continues its own checkpoints
+        **naming,
     )
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc_per_node}", "-m", "dmtp.train", *config_flags(config),
     ]  # fmt: skip
-    env = {"MLFLOW_TRACKING_URI": mlflow_tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {
+        "MLFLOW_TRACKING_URI": mlflow_tracking_uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        **mlflow_environment(run_tags),
+    }
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     run = run_stage(
