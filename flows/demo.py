@@ -36,6 +36,8 @@ DEMO_PARAMETERS: dict[str, Any] = {
     "save_steps": 100,
     "eval_max_new_tokens": 48,
     "eval_max_prompts": 4,
+    # the Prefect artifacts of every demo run share these keys: their history is one list
+    "artifact_key": "dmtp-demo",
 }
 
 
@@ -50,15 +52,10 @@ def _environment() -> None:
 
 
 def mlflow_location(tracking_uri: str, run_id: str) -> tuple[str, str]:
-    """(command to open the MLflow UI, the run's URL in it)."""
-    import mlflow
+    """(command to open the MLflow UI, "" for a tracking server; the run's URL in it)."""
+    from tasks.publish import mlflow_run_link, mlflow_ui_command
 
-    run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
-    page = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
-    if tracking_uri.startswith(("http://", "https://")):
-        return "", f"{tracking_uri.rstrip('/')}/{page}"
-    command = f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
-    return command, f"http://127.0.0.1:5000/{page}"
+    return mlflow_ui_command(tracking_uri) or "", mlflow_run_link(tracking_uri, run_id)[0]
 
 
 def report(summary: dict[str, Any], seconds: float) -> str:
@@ -71,6 +68,12 @@ def report(summary: dict[str, Any], seconds: float) -> str:
         f"  ({summary['store_rows']:,} rows, {summary['store_sequences']} sequences)",
         f"  head        {summary['head']}",
     ]
+    if summary.get("export"):
+        lines.append(
+            f"  export      {summary['export']}  (DFlash layout; serve commands in its README.md)"
+        )
+    elif summary.get("export_refused"):
+        lines.append(f"  export      none: {summary['export_refused']}")
     metrics = summary.get("metrics", {})
     shown = {k: v for k, v in metrics.items() if k in ("val/loss", "val/draft_accuracy", "val/tau")}
     if shown:
@@ -92,6 +95,14 @@ def report(summary: dict[str, Any], seconds: float) -> str:
         if command:
             lines.append(f"              {command}")
         lines.append(f"              then open {url}")
+    artifacts = summary.get("artifacts") or {}
+    if artifacts:
+        lines.append(f"  Prefect     artifacts {', '.join(artifacts.values())}")
+        if not os.environ.get("PREFECT_API_URL"):
+            # The ephemeral API kept them in PREFECT_HOME's database; a server on it shows them.
+            home = os.environ.get("PREFECT_HOME", str(REPO_ROOT / ".prefect"))
+            lines.append(f"              PREFECT_HOME={home} prefect server start")
+        lines.append("              then open http://127.0.0.1:4200/artifacts")
     return "\n".join(lines)
 
 

@@ -86,16 +86,21 @@ def mlflow_run_link(tracking_uri: str, run_id: str) -> tuple[str, str]:
 
     run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     page = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
-    if tracking_uri.startswith(("http://", "https://")):
+    command = mlflow_ui_command(tracking_uri)
+    if command is None:
         return f"{tracking_uri.rstrip('/')}/{page}", f"MLflow tracking server {tracking_uri}"
-    command = (
-        f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {MLFLOW_UI_PORT}"
-    )
     return (
         f"http://127.0.0.1:{MLFLOW_UI_PORT}/{page}",
         f"the tracking store {tracking_uri} has no server: run `{command}` on the host that holds "
         "it, then open the link",
     )
+
+
+def mlflow_ui_command(tracking_uri: str) -> str | None:
+    """The command that serves a local tracking store's UI; None for a tracking server."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {MLFLOW_UI_PORT}"
 
 
 def _description(
