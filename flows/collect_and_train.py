@@ -319,6 +319,8 @@ def summarize(
             mlflow_tracking_uri=head.mlflow_tracking_uri,
             mlflow_run_id=head.mlflow_run_id,
             mlflow_experiment=head.mlflow_experiment,
+            registered_model_name=head.registered_model_name,
+            registered_model_version=head.registered_model_version,
             metrics=head.metrics,
         )
     if evaluation is not None:
@@ -344,6 +346,11 @@ def headline(summary: dict[str, Any]) -> str:
         )
     if summary.get("mlflow_run_id"):
         parts.append(f"MLflow run {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}")
+    if summary.get("registered_model_version"):
+        parts.append(
+            f"registered model {summary['registered_model_name']} "
+            f"version {summary['registered_model_version']}"
+        )
     cached = [stage for stage, hit in summary["cached"].items() if hit]
     if cached:
         parts.append(f"cached: {', '.join(cached)}")

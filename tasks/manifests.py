@@ -87,6 +87,11 @@ class HeadManifest(BaseModel):
     mlflow_tracking_uri: str
     mlflow_run_id: str | None
     mlflow_experiment: str
+    # the head as an MLflow model of the run, and its version in the model registry (None: not
+    # logged or not registered)
+    mlflow_model_id: str | None = None
+    registered_model_name: str | None = None
+    registered_model_version: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)  # final values of the run's metrics
     nproc_per_node: int
     seconds: float

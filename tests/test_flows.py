@@ -130,7 +130,16 @@ def test_first_run_collects_validates_and_trains_into_mlflow(first_run):
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert "train/loss" in run.data.metrics and "val/loss" in run.data.metrics
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "head")], "no head artifact"
+    # the head: the run's logged model, registered per base model; the run names its flow run
+    (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    registered = (summary["registered_model_name"], summary["registered_model_version"])
+    assert registered == (version.name, str(version.version))
+    assert registered == (f"dmtp-{Path(parameters['base_model_path']).name}", "1")
+    assert run.data.tags["prefect.flow_run_name"] == run.info.run_name
+    assert run.data.tags["prefect.flow_run_id"]
+    assert run.inputs.dataset_inputs[0].dataset.source == json.dumps(
+        {"uri": str(Path(summary["store"]).resolve())}
+    )
     assert (
         summary["mlflow_tracking_uri"]
         == f"sqlite:///{Path(parameters['data_root']).resolve() / 'mlflow.db'}"
