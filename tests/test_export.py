@@ -269,3 +269,39 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("dmtp export: error: ") and message.format(tmp=tmp_path) in err, err
+
+
+def test_the_flows_export_task_reports_a_refused_head_and_goes_on(debug_model_dir, tmp_path):
+    """`make head`'s recipe (a draft vocabulary) has no DFlash export: the flow's task records why
+    (for its cache and the flow's summary) instead of failing the run."""
+    from tasks.export import REFUSED_FILE, export_head, export_problem
+    from tasks.manifests import HeadManifest, ModelRef, StoreManifest
+
+    run = tmp_path / "heads" / "tiny-qwen2-0"
+    _new_head(debug_model_dir, draft_vocab=list(range(64))).save_pretrained(run / "final")
+    head = HeadManifest(
+        head_path=str(run / "final"),
+        output_dir=str(run),
+        mlflow_tracking_uri="sqlite:///unused.db",
+        mlflow_run_id=None,
+        mlflow_experiment="dmtp",
+        nproc_per_node=1,
+        seconds=1.0,
+        log_path=str(run / "logs" / "train.log"),
+    )
+    store = StoreManifest(
+        store_path=str(tmp_path / "store"),
+        identity_sha256="0" * 64,
+        model=ModelRef(requested=str(debug_model_dir), name="tiny-qwen2", fingerprint="f"),
+        rows=1,
+        sequences=1,
+        bytes_on_disk=1,
+        report_path=str(tmp_path / "validation.json"),
+        shard_rows=[1],
+    )
+    manifest = export_head.fn(head, store, None, {"format": "dflash", "dtype": "auto"})
+    assert not manifest.exported and "draft vocabulary of 64 tokens" in manifest.reason
+    folder = run / "exports"
+    [record] = folder.glob(f"dflash-*/{REFUSED_FILE}")
+    assert manifest.reason in record.read_text()
+    assert export_problem(record.parent) is None  # what a later run's cache hit checks
