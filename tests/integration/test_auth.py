@@ -198,13 +198,15 @@ def test_two_authenticated_runs_take_turns_on_one_worker_and_log_to_mlflow(
     # second asks for the same result, so once it may start it is served from the cache.
     flow_run_ids = [_submit(secured_services, parameters) for _ in range(2)]
     runs = asyncio.run(_wait_for(secured_services["PREFECT_API_URL"], flow_run_ids, 600))
-    for run in runs:
-        assert run.state_type.value == "COMPLETED", (run.name, run.state)
+    assert all(run.start_time for run in runs), [(run.name, run.state) for run in runs]
     first, second = sorted(runs, key=lambda run: run.start_time)
+    # Checked before the states: runs that overlap also fail (the second finds the shard leased).
     assert first.end_time <= second.start_time, (
         f"flow runs overlapped on one worker: {first.name} ran {first.start_time}..{first.end_time}, "
         f"{second.name} started {second.start_time}"
     )
+    for run in runs:
+        assert run.state_type.value == "COMPLETED", (run.name, run.state)
 
     client = _mlflow_client(secured_services, monkeypatch, MLFLOW_USERNAME, MLFLOW_PASSWORD)
     experiment = client.get_experiment_by_name("dmtp")
