@@ -20,5 +20,7 @@ cd "$DMTP_REPO"
 limit="${DMTP_WORKER_LIMIT:-1}"
 limit_args=()
 [ "$limit" = 0 ] || limit_args=(--limit "$limit")
-exec prefect worker start --pool "$DMTP_WORK_POOL" --type process --name "$(hostname)-worker" \
+# Two workers on one host (each with its own CUDA_VISIBLE_DEVICES) need two names.
+name="${DMTP_WORKER_NAME:-$(hostname)-worker}"
+exec prefect worker start --pool "$DMTP_WORK_POOL" --type process --name "$name" \
   "${limit_args[@]}" "$@"
