@@ -3,6 +3,7 @@
     .venv/bin/python tests/benchmarks/bench_dflash_peer.py                    # random head, SmolLM2
     .venv/bin/python tests/benchmarks/bench_dflash_peer.py --init_from_base --fit_steps 100
     .venv/bin/python tests/benchmarks/bench_dflash_peer.py --head_path runs/demo/heads/final
+    .venv/bin/python tests/benchmarks/bench_dflash_peer.py --fit_steps 100 --init_from_base --export /tmp/x
 
 The base model is the embedded default (SmolLM2-135M-Instruct) unless --base_model_path. The head
 is --head_path, or a randomly initialised one (--feature_layers, --block_length; --init_from_base
@@ -16,6 +17,10 @@ prints whether the tokens are equal, whether the acceptance lengths are equal ro
 (aligned at the token limit, see `tests/dflash_oracle.py:clip_to_limit`; "raw =" compares them
 unaligned at the same limit), and τ of each. Nothing is timed: the result depends on the
 machine's arithmetic, not on its load. ~5 minutes on 2 busy CPU cores with the defaults.
+
+With --export DIR the head goes through `dmtp export --format dflash` first (a fitted or random
+head is saved as `dmtp train` saves one), and the reference side is
+`DFlashDraftModel.from_pretrained(DIR)`: the served folder itself, not tensors handed over in memory.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dflash_oracle import dflash_draft_from_head, fit_head, load_dflash, run_peers  # noqa: E402
 
 from dmtp.collect import encode_prompt, eos_token_ids  # noqa: E402
-from dmtp.config import DEMO_EVAL_PROMPTS  # noqa: E402
+from dmtp.config import DEMO_EVAL_PROMPTS, ExportConfig  # noqa: E402
+from dmtp.export import export  # noqa: E402
 from dmtp.head import build_head, load_base_model_parts, load_head  # noqa: E402
 from dmtp.models import load_base_model  # noqa: E402
 from dmtp.prompts import iter_prompts  # noqa: E402
@@ -80,6 +86,17 @@ def make_head(args: argparse.Namespace, base) -> torch.nn.Module:
     )
 
 
+def exported_draft(args: argparse.Namespace, head: torch.nn.Module, dflash, like: torch.Tensor):
+    """`dmtp export` the head into args.export, then load that folder as the reference does."""
+    head_path = args.head_path
+    if not head_path:  # a random or fitted head: saved as `dmtp train` saves its final head
+        head_path = str(Path(args.export).with_name(Path(args.export).name + "-head"))
+        head.save_pretrained(head_path)
+    result = export(ExportConfig(head_path=head_path, output_dir=args.export, overwrite=True))
+    draft = dflash.DFlashDraftModel.from_pretrained(result.output_dir)
+    return draft.to(device=like.device, dtype=like.dtype).eval(), result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         help="first fit the head this many steps to the prompts' greedy answers (100 with "
         "--init_from_base: a mix of acceptance lengths, not a random head's all-1s; ~1 s a step "
         "on a CPU core)",
+    )
+    parser.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="export the head to DIR (dmtp export --format dflash) and load the reference draft "
+        "from it with DFlashDraftModel.from_pretrained",
     )
     parser.add_argument("--input_data_path", default=str(DEMO_EVAL_PROMPTS))
     parser.add_argument("--prompts", type=int, default=3)
@@ -129,7 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         fit_head(head, base.model, answers, args.fit_steps, seed=args.seed)
     dflash = load_dflash()
-    draft = dflash_draft_from_head(head, dflash)
+    if args.export:
+        draft, exported = exported_draft(args, head, dflash, next(head.parameters()))
+        loaded = (
+            f"exported to {exported.output_dir} and loaded with DFlashDraftModel.from_pretrained"
+        )
+    else:
+        draft = dflash_draft_from_head(head, dflash)
+        loaded = "loaded strictly into DFlashDraftModel"
     config = head.config
     base_rope = base.model.get_decoder().rotary_emb.inv_freq
     same_rope = torch.equal(draft.rotary_emb.inv_freq, head.rotary_emb.inv_freq) and torch.allclose(
@@ -141,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         f"base: {base.identity['name_or_path']} ({base.device}, {base.hidden_dtype}); head: "
         f"{args.head_path or 'random'}{fitted}; feature layers {config.feature_layers} (DFlash "
         f"target_layer_ids {draft.target_layer_ids}), block {config.block_length}, mask token "
-        f"{config.mask_token_id}; loaded strictly into DFlashDraftModel; RoPE equal to the base "
+        f"{config.mask_token_id}; {loaded}; RoPE equal to the base "
         f"model's: {'yes' if same_rope else 'NO'} ({time.perf_counter() - start:.0f} s)",
         flush=True,
     )
