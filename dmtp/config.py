@@ -279,6 +279,10 @@ class EvalConfig:
         None,
         "drafts per round for prompt lookup; default block_length-1, so both verify equal blocks",
     )
+    lookup_head: bool = option(
+        True,
+        "with a head and prompt lookup, also run both as one drafter: lookup where it matches, the head elsewhere",
+    )
     device: str = option("auto", "cuda, cuda:N, cpu, or auto (cuda when available)")
     dtype: str = option(
         "auto",

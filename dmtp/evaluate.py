@@ -45,6 +45,7 @@ from dmtp.specdec import (
     Drafter,
     GreedyResult,
     HeadDrafter,
+    LookupThenHeadDrafter,
     PromptLookupDrafter,
     SpecResult,
     greedy_decode,
@@ -625,6 +626,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         drafters["prompt_lookup"] = PromptLookupDrafter(
             max_ngram=config.prompt_lookup_max_ngram, num_tokens=config.prompt_lookup_num_tokens
         )
+    if config.lookup_head and {"head", "prompt_lookup"} <= set(drafters):
+        # the same head drafter: prompts are decoded one drafter at a time, each from start()
+        lookup = PromptLookupDrafter(max_ngram=config.prompt_lookup_max_ngram)
+        drafters["lookup_head"] = LookupThenHeadDrafter(lookup, drafters["head"])
     longest = max(drafter_block_length(d, block_length) for d in drafters.values())
     prompts = load_eval_prompts(prompts_path, base, config, longest)
     records = decode_prompts(

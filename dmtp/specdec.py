@@ -18,12 +18,13 @@ The cache invariant, checked after every round: the cache holds every committed 
 newest one (the bonus token), whose keys and values the next round's verification computes.
 
 Drafters implement `Drafter`: `HeadDrafter` (a diffusion MTP head), `PromptLookupDrafter` (n-gram
-lookup, training-free), and for tests `OracleDrafter` (the base model's own continuation) and
-`RandomDrafter`.
+lookup, training-free), `LookupThenHeadDrafter` (lookup where it matches, the head elsewhere),
+and for tests `OracleDrafter` (the base model's own continuation) and `RandomDrafter`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -383,6 +384,40 @@ class PromptLookupDrafter:
                 if sequence[start : start + n] == suffix:
                     return sequence[start + n : start + n + limit]
         return []
+
+
+class LookupThenHeadDrafter:
+    """Prompt lookup where it finds a match, the head everywhere else.
+
+    The two fail in different places: lookup is near-perfect inside text the answer repeats
+    (code, quoted input, the small models' loops) and has nothing elsewhere; the head drafts
+    anywhere but weakly. The head still takes in every committed position's features, buffered
+    over the rounds lookup drafted, so its cache stays exact (DESIGN §5).
+    """
+
+    name = "lookup_head"
+
+    def __init__(self, lookup: PromptLookupDrafter, head: HeadDrafter):
+        self.lookup, self.head = lookup, head
+        self.block_length = head.block_length
+        self.feature_layers = head.feature_layers
+        self._pending: torch.Tensor | None = None
+        self.head_rounds = self.lookup_rounds = 0
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        self.head.start(prompt_ids)
+        self._pending = None
+
+    def draft(self, context: DraftContext) -> list[int]:
+        new = context.new_features
+        if self._pending is not None:
+            new = self._pending if new is None else torch.cat([self._pending, new])
+        drafts = self.lookup.draft(context)
+        if drafts:
+            self._pending, self.lookup_rounds = new, self.lookup_rounds + 1
+            return drafts
+        self._pending, self.head_rounds = None, self.head_rounds + 1
+        return self.head.draft(dataclasses.replace(context, new_features=new))
 
 
 class OracleDrafter:

@@ -12,6 +12,7 @@ from dmtp.specdec import (
     CacheInvariantError,
     DraftContext,
     HeadDrafter,
+    LookupThenHeadDrafter,
     OracleDrafter,
     PromptLookupDrafter,
     RandomDrafter,
@@ -315,3 +316,40 @@ def test_prompt_lookup_is_lossless(base, prompts, eos):
         assert result.tokens == greedy_decode(model, ids, MAX_NEW, eos).tokens
         assert result.tau >= 1.0
         check_rounds(result, len(ids), full_drafts=False)
+
+
+class RecordingHeadDrafter(HeadDrafter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[list[int], list[int]]] = []
+
+    def draft(self, context):
+        drafts = super().draft(context)
+        self.calls.append((list(context.sequence), drafts))
+        return drafts
+
+
+def test_lookup_then_head_uses_lookup_where_it_matches_and_keeps_the_head_cache_exact(
+    base, prompts, eos, untrained_head
+):
+    """Lossless; lookup drafts wherever it has a match; every head draft equals a fresh head's
+    draft from all of the sequence's features at once, however many rounds lookup took."""
+    model, _ = base
+    for ids in prompts:
+        head = RecordingHeadDrafter(untrained_head, BLOCK, MASK, model.config.vocab_size)
+        lookup = PromptLookupDrafter(max_ngram=3)
+        hybrid = LookupThenHeadDrafter(lookup, head)
+        result = speculative_decode(model, hybrid, ids, MAX_NEW, BLOCK, eos)
+        assert result.tokens == greedy_decode(model, ids, MAX_NEW, eos).tokens
+        check_rounds(result, len(ids), full_drafts=False)
+        assert hybrid.lookup_rounds > 0 and hybrid.head_rounds == len(head.calls) > 0
+        # every round drafts but, maybe, one at the token limit (no room for a draft)
+        assert len(result.rounds) - 1 <= hybrid.lookup_rounds + hybrid.head_rounds
+        for sequence, drafts in head.calls:
+            assert lookup.draft(DraftContext(None, sequence[-1], sequence, BLOCK - 1)) == []
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([sequence[:-1]]), output_hidden_states=True)
+            features = torch.cat([out.hidden_states[i][0] for i in LAYERS], dim=-1)
+            fresh = HeadDrafter(untrained_head, BLOCK, MASK, model.config.vocab_size)
+            context = DraftContext(features, sequence[-1], sequence, len(drafts))
+            assert fresh.draft(context) == drafts
