@@ -1,14 +1,17 @@
 """The real thing on loopback: Prefect server, MLflow server and a process worker (deploy/up.sh),
 `prefect deploy` of the repo's prefect.yaml, `prefect deployment run`, then deploy/down.sh.
 
-Asserts the flow run completed, the store validated, MLflow holds the training run with metrics and
-the head as an artifact; a second run with the same parameters is served from the cache in a small
-fraction of the time; every process the test started is gone afterwards. About 3-4 minutes on two
-CPU cores, most of it the servers starting and the first run's child processes importing torch.
+Asserts the flow run completed, the store validated, MLflow holds the training run with metrics,
+tags naming the flow run, the store as its `log_input` dataset, and the head as its logged model,
+registered as `dmtp-<base model>` with τ and speedup on the version; a second run with the same
+parameters is served from the cache in a small fraction of the time; every process the test
+started is gone afterwards. About 3-4 minutes on two CPU cores, most of it the servers starting
+and the first run's child processes importing torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -135,6 +138,8 @@ def test_deployment_runs_the_flow_on_the_worker_and_reruns_from_cache(
         f"validate {debug_model_dir.name} store": "Completed",
         f"train head on {debug_model_dir.name} (1 proc)": "Completed",
         f"evaluate head on {debug_model_dir.name}": "Completed",
+        f"export head of {debug_model_dir.name} (dflash)": "Completed",
+        "publish results to the Prefect UI": "Completed",
     }
 
     data_root = Path(services["DMTP_DATA_ROOT"])
@@ -149,16 +154,38 @@ def test_deployment_runs_the_flow_on_the_worker_and_reruns_from_cache(
     )
     assert run.info.status == "FINISHED"
     assert {"train/loss", "val/loss", "val/tau"} <= set(run.data.metrics)
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "head")], (
-        "no head artifact in MLflow"
-    )
+    # linked to the flow run that trained it, and named after it
+    assert run.info.run_name == first["name"]
+    assert run.data.tags["prefect.flow_run_id"] == first_id
+    assert run.data.tags["prefect.deployment"] == "collect-and-train/gpu"
+    # lineage: the validated store as the run's input, described without reading its rows
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    store = report_path.parent / "collected_data_final"
+    assert json.loads(dataset.source) == {"uri": str(store.resolve())}
+    assert dataset.name == report_path.parent.name
+    profile = json.loads(dataset.profile)
+    assert profile["rows"] == report["rows"] and len(profile["shards"]) == 2
+    assert profile["prompts_sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
+    # the head: the run's logged model, registered per base model, τ and speedup on the version
+    (output,) = run.outputs.model_outputs
+    model_files = {a.path for a in client.list_logged_model_artifacts(output.model_id)}
+    assert {"MLmodel", "config.json", "model.safetensors"} <= model_files
+    assert not client.list_artifacts(run.info.run_id, "checkpoints")  # they stay local
+    (version,) = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    assert version.name == f"dmtp-{debug_model_dir.name}"
+    assert version.source == f"models:/{output.model_id}"
+    assert float(version.tags["tau"]) >= 1.0 and float(version.tags["speedup"]) > 0
+    assert version.tags["evaluation_run_id"] == run.info.run_id
 
     second_id = _run_deployment(services, parameters)
     second, second_tasks = _flow_run(services, second_id)
     assert second["state"]["type"] == "COMPLETED", second["state"]
+    # planning and publishing to the Prefect UI run every time; every stage is served from cache
+    every_time = ("plan ", "publish ")
     assert {
-        name: state for name, state in second_tasks.items() if not name.startswith("plan ")
-    } == {name: "Cached" for name in first_tasks if not name.startswith("plan ")}
+        name: state for name, state in second_tasks.items() if not name.startswith(every_time)
+    } == {name: "Cached" for name in first_tasks if not name.startswith(every_time)}
     assert second["total_run_time"] < 0.25 * first["total_run_time"], (
         second["total_run_time"],
         first["total_run_time"],
@@ -171,3 +198,4 @@ def test_deployment_runs_the_flow_on_the_worker_and_reruns_from_cache(
         )
         == 1
     )
+    assert len(client.search_model_versions(f"name = '{version.name}'")) == 1
