@@ -239,9 +239,10 @@ def test_a_run_exports_the_head_and_publishes_its_results(
     [table] = artifacts(keys["table"])
     assert table.type == "table" and table.flow_run_id == state.state_details.flow_run_id
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert [row["method"] for row in rows] == ["head", "prompt lookup", "greedy"]
+    methods = [row["method"] for row in rows]
+    assert methods[0] == "head" and "prompt lookup" in methods and methods[-1] == "greedy"
     assert rows[0]["tau"] == round(summary["acceptance_length"], 3)
-    assert rows[0]["speedup"] == round(summary["speedup"], 3) and rows[2]["speedup"] == 1.0
+    assert rows[0]["speedup"] == round(summary["speedup"], 3) and rows[-1]["speedup"] == 1.0
     assert {"acceptance_pos1", "acceptance_pos2", "acceptance_pos3", "tokens_per_s"} <= set(rows[0])
     [link] = artifacts(keys["link"])
     run = mlflow.MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
