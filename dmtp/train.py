@@ -152,7 +152,7 @@ def plan_training(config: TrainConfig) -> TrainPlan:
     base_model_path = config.base_model_path
     if base_model_path is not None and base_model_path.lower() == "none":
         base_model_path = None
-    elif base_model_path is None and identity and config.model_name_or_path is None:
+    elif base_model_path is None and identity:
         from dmtp.models import DEFAULT_MODEL, HUB_ID
 
         recorded = identity.get("name_or_path")

@@ -445,6 +445,32 @@ def test_init_from_base_starts_the_draft_layer_from_the_last_base_layer(debug_mo
     )
 
 
+def test_a_head_continues_training_with_the_base_model_its_store_names(debug_model_dir, tmp_path):
+    """Pretrain on one store, go on from that head on another: the base model whose vocabulary the
+    head borrows comes from the store's record, as for a new head, with no --base_model_path."""
+    import zarr
+
+    from dmtp.head import load_base_model_parts, load_head
+
+    identity = load_base_model_parts(str(debug_model_dir)).identity
+    stores = []
+    for name in ("pretrain", "finetune"):
+        store = tmp_path / name
+        write_synthetic_store(store, sequence_lengths=[20] * 4, hidden_size=64, vocab_size=320)
+        recorded = {**identity, "name_or_path": str(debug_model_dir)}
+        zarr.open_group(store, mode="a").attrs.update({"base_model": recorded})
+        stores.append(store)
+    first = train(_config(stores[0], tmp_path / "first", max_steps=2))
+    second = train(
+        _config(
+            stores[1], tmp_path / "second", max_steps=2, model_name_or_path=str(first.final_dir)
+        )
+    )
+    head = load_head(second.final_dir)
+    assert not head.config.owns_vocabulary
+    assert head.config.base_model["fingerprint"] == identity["fingerprint"]
+
+
 def test_base_model_other_than_the_stores_is_refused(debug_model_dir, tmp_path, capsys):
     import zarr
 

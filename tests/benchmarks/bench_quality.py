@@ -56,6 +56,19 @@ CONFIGS = {
     "dflash": {"feature_layers": "auto", "context_window": None, "objective": "decode_all"},
     "window": {"feature_layers": "auto", "context_window": 16, "objective": "decode_all"},
     "best": {"feature_layers": "auto", "context_window": 1, "objective": "decode_all"},
+    # best, first trained on --pretrain_dir (teacher-forced answers: cheap data), then on the store
+    "pretrained": {
+        "feature_layers": "auto",
+        "context_window": 1,
+        "objective": "decode_all",
+        "pretrain": True,
+    },
+    "pretrained_all": {
+        "feature_layers": "auto",
+        "context_window": None,
+        "objective": "decode_all",
+        "pretrain": True,
+    },
 }
 
 
@@ -73,8 +86,20 @@ def machine() -> str:
 def train_head(
     args: argparse.Namespace, name: str, settings: dict, out: Path, max_samples: int | None = None
 ) -> dict:
+    settings = dict(settings)
+    start_from = None
+    if settings.pop("pretrain", False):
+        if not args.pretrain_dir:
+            raise SystemExit(f"bench_quality: config {name} needs --pretrain_dir")
+        first = argparse.Namespace(
+            **{**vars(args), "data_dir": args.pretrain_dir, "steps": args.pretrain_steps}
+        )
+        # one pretraining per pretraining budget, shared by every size of a curve
+        pretrain = f"pretrain_{args.pretrain_steps}_{settings['context_window']}"
+        start_from = train_head(first, pretrain, settings, out)["head_path"]
     config = TrainConfig(
         train_data_dir=args.data_dir,
+        model_name_or_path=start_from,
         base_model_path=args.base_model_path,
         output_dir=str(out / name),
         data=DataConfig(
@@ -124,6 +149,42 @@ def train_head(
     }
     record.write_text(json.dumps(figures))
     return figures
+
+
+def replay_heads(args: argparse.Namespace, heads: dict[str, dict]) -> dict:
+    """Every head, prompt lookup and lookup_head replayed on the held-out greedy store."""
+    from dmtp.head import load_base_model_parts, load_head
+    from dmtp.replay import replay_store
+
+    parts = load_base_model_parts(args.base_model_path)
+    results = {}
+    for name, trained in heads.items():
+        head = load_head(trained["head_path"])
+        head.attach_base(parts.embeddings, parts.lm_head)
+        figures = replay_store(head, args.replay_dir, max_new_tokens=args.max_new_tokens)
+        results[name] = figures["head"]
+        results[f"{name}+lookup"] = figures["lookup_head"]
+        results.setdefault("prompt_lookup", figures["prompt_lookup"])
+    return results
+
+
+def count_answers(store_path: str) -> int:
+    from dmtp.store import open_store
+
+    store = open_store(store_path)
+    return sum(store.shard(k).n_sequences for k in range(store.num_shards) if store.has_shard(k))
+
+
+def print_replay_table(results: dict, heads: dict[str, dict], answers: int) -> None:
+    print(f"\n## replayed: {answers} held-out greedy answers")
+    print("| drafter | τ | acceptance by position | rounds | val τ proxy | train s |")
+    print("|---|---|---|---|---|---|")
+    for name, f in results.items():
+        head = heads.get(name, {})
+        acceptance = " / ".join(f"{a:.3f}" for a in f["acceptance_by_position"] if a is not None)
+        proxy = f"{head['val_tau']:.3f}" if head.get("val_tau") else "–"
+        seconds = f"{head['train_seconds']:.0f}" if head.get("train_seconds") else "–"
+        print(f"| {name} | {f['tau']:.3f} | {acceptance} | {f['rounds']} | {proxy} | {seconds} |")
 
 
 def evaluate_heads(args: argparse.Namespace, heads: dict[str, dict]) -> dict:
@@ -187,7 +248,17 @@ def main() -> int:
     parser.add_argument(
         "--eval_prompts", nargs="*", default=["sharegpt-heldout", str(DEMO_EVAL_PROMPTS)]
     )
-    parser.add_argument("--max_prompts", type=int, default=12)
+    parser.add_argument(
+        "--replay_dir",
+        default=None,
+        help="a greedy store of held-out prompts (dmtp collect --input_data_path "
+        "sharegpt-heldout): τ of every head, prompt lookup and head+lookup replayed on all of it",
+    )
+    parser.add_argument("--pretrain_dir", default=None, help="teacher-forced store (pretrained*)")
+    parser.add_argument("--pretrain_steps", type=int, default=700)
+    parser.add_argument(
+        "--max_prompts", type=int, default=12, help="prompts decoded for real (0: none)"
+    )
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
@@ -213,13 +284,15 @@ def main() -> int:
             f"val τ {head['val_tau']}",
             flush=True,
         )
-    results = evaluate_heads(args, heads)
+    replayed = replay_heads(args, heads) if args.replay_dir else {}
+    results = evaluate_heads(args, heads) if args.max_prompts else {}
     print(f"\nmachine: {machine()}")
+    if replayed:
+        print_replay_table(replayed, heads, count_answers(args.replay_dir))
     print_table(results, heads)
     if args.output:
-        Path(args.output).write_text(
-            json.dumps({"machine": machine(), "heads": heads, "results": results}, indent=2)
-        )
+        everything = {"machine": machine(), "heads": heads, "replayed": replayed}
+        Path(args.output).write_text(json.dumps({**everything, "results": results}, indent=2))
     return 0
 
 
