@@ -83,12 +83,15 @@ def add_config_arguments(
         if kind is list or typing.get_origin(kind) is list:
             parser.add_argument(*names, dest=f.name, nargs="*", default=default, help=help_text)
             continue
+        # Choices are shown here, not enforced: the config checks them when it is built, so a bad
+        # value gets the same one-line error from the CLI as from Python and from the flows.
+        choices = f.metadata.get("choices")
         parser.add_argument(
             *names,
             dest=f.name,
             type=kind if kind in (int, float, str) else str,
             default=default,
-            choices=f.metadata.get("choices"),
+            metavar="{" + ",".join(map(str, choices)) + "}" if choices else None,
             help=f"{help_text} (default: {default})",
         )
 

@@ -3,11 +3,19 @@
 The CLI (`dmtp.cli`), the Prefect tasks and flows, and `prefect.yaml` all read their defaults from
 here (tests/test_config_agreement.py checks it). This module imports neither torch nor prefect, so a
 deployment can be built on a host without either.
+
+Each config checks itself once, when it is constructed: `validate_fields` enforces every field's
+`option(..., choices=..., ge=..., ...)` rules, then `__post_init__` the rules between fields. The
+CLI, Python callers and the flows all construct these classes, so a bad value fails the same way,
+with the same one-line message, wherever it comes from, before any stage starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,19 +28,78 @@ DEMO_PROMPTS = PACKAGE_DIR / "resources" / "prompts" / "demo_train.jsonl"
 DEMO_EVAL_PROMPTS = PACKAGE_DIR / "resources" / "prompts" / "demo_eval.jsonl"
 
 
-def option(default: Any, help: str, **metadata: Any) -> Any:
-    """A dataclass field carrying its CLI help text (and optional `aliases`, `choices`)."""
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    **metadata: Any,
+) -> Any:
+    """A dataclass field carrying its CLI help text and the rules `validate_fields` checks.
+
+    choices: the values allowed; ge, gt, le, lt: bounds of a number (>=, >, <=, <). None, where
+    a field's type allows it, means "unset" and passes every rule. Other metadata: `aliases`
+    (more flag spellings).
+    """
+    rules = {"choices": list(choices) if choices is not None else None}
+    rules.update(ge=ge, gt=gt, le=le, lt=lt)
+    metadata = {"help": help, **{k: v for k, v in rules.items() if v is not None}, **metadata}
     if isinstance(default, list | dict):
-        return field(
-            default_factory=lambda: type(default)(default), metadata={"help": help, **metadata}
-        )
-    return field(default=default, metadata={"help": help, **metadata})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def check(condition: bool, message: str) -> None:
     """Raise a user-facing error unless `condition` holds."""
     if not condition:
         raise DmtpError(message)
+
+
+BOUNDS = (
+    ("ge", ">=", operator.ge),
+    ("gt", ">", operator.gt),
+    ("le", "<=", operator.le),
+    ("lt", "<", operator.lt),
+)
+
+
+def validate_fields(config: Any) -> None:
+    """Check every field of `config` against its `option` rules (choices, bounds).
+
+    Raises DmtpError on the first bad field, in one line naming the field, the value and what is
+    allowed. Nested configs are not visited: each checks itself when it is constructed.
+    """
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if value is None:
+            continue
+        choices = item.metadata.get("choices")
+        if choices is not None and value not in choices:
+            allowed = ", ".join(map(str, choices))
+            raise DmtpError(f"{item.name} must be one of {allowed}; got {value!r}")
+        bounds = [(sym, item.metadata[k], holds) for k, sym, holds in BOUNDS if k in item.metadata]
+        if not bounds:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DmtpError(f"{item.name} must be a number, got {value!r}")
+        if not all(holds(value, bound) for _, bound, holds in bounds):
+            rule = " and ".join(f"{sym} {bound}" for sym, bound, _ in bounds)
+            raise DmtpError(f"{item.name} must be {rule}, got {value}")
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(device: Any) -> None:
+    """A device one process can load a model onto: auto, cpu, cuda or cuda:N."""
+    check(
+        isinstance(device, str) and DEVICE_PATTERN.fullmatch(device) is not None,
+        f"device must be auto, cpu, cuda or cuda:N (N a GPU index); got {device!r}",
+    )
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -60,11 +127,14 @@ def default_feature_layers(num_hidden_layers: int) -> tuple[int, ...]:
 class StoreLayout:
     """How the Zarr store is chunked and encoded (DESIGN §3)."""
 
-    chunk_rows: int = option(512, "rows per compressed chunk (the unit a reader decompresses)")
+    chunk_rows: int = option(
+        512, "rows per compressed chunk (the unit a reader decompresses)", ge=1
+    )
     rows_per_file: int = option(
         4096,
         "rows per shard file of hidden_states (a multiple of chunk_rows); also the unit a writer "
         "flushes, so a crash loses at most this many uncommitted rows",
+        ge=1,
     )
     compressor: str = option(
         "none",
@@ -74,14 +144,10 @@ class StoreLayout:
     )
 
     def __post_init__(self) -> None:
-        check(self.chunk_rows >= 1, f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        validate_fields(self)
         check(
             self.rows_per_file >= self.chunk_rows and self.rows_per_file % self.chunk_rows == 0,
             f"rows_per_file ({self.rows_per_file}) must be a multiple of chunk_rows ({self.chunk_rows})",
-        )
-        check(
-            self.compressor in ("none", "zstd"),
-            f"unknown compressor {self.compressor!r}: use none or zstd",
         )
 
 
@@ -103,16 +169,20 @@ class CollectConfig:
     )
     output_dir: str = option("dmtp_data", f"the store is written to <output_dir>/{STORE_DIRNAME}")
     max_samples: int | None = option(
-        None, "stop after this many samples (sample_size-token windows) have been collected"
+        None, "stop after this many samples (sample_size-token windows) have been collected", ge=1
     )
     sample_size: int = option(
-        512, "tokens per sample: counts samples for --max_samples; storage is never duplicated"
+        512,
+        "tokens per sample: counts samples for --max_samples; storage is never duplicated",
+        ge=1,
     )
     stride: int = option(
-        256, "step between samples, as in the original scripts (recorded, never duplicates storage)"
+        256,
+        "step between samples, as in the original scripts (recorded, never duplicates storage)",
+        ge=1,
     )
     max_new_tokens: int = option(
-        1024, "tokens to generate per prompt (capped by the model's context)"
+        1024, "tokens to generate per prompt (capped by the model's context)", ge=1
     )
     device: str = option("auto", "cuda, cuda:N, cpu, or auto (cuda when available)")
     batch_size: int = option(
@@ -120,6 +190,7 @@ class CollectConfig:
         "rows generating at once; a row whose answer has ended takes the next prompt. Large "
         "batches keep the matmuls efficient: SmolLM2-135M on 2 CPU cores made ~300 tok/s at 64 "
         "in bf16, ~75 at 8 in fp32 (DESIGN §7)",
+        ge=1,
     )
     dtype: str = option(
         "auto",
@@ -135,17 +206,18 @@ class CollectConfig:
         "auto (three layers spread as DFlash picks them, e.g. 2,15,28 of 30), none, or a comma "
         "list like 2,15,28. Each adds hidden_size values per token to the store",
     )
-    temperature: float = option(0.0, "sampling temperature; 0 = greedy decoding")
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy decoding", ge=0)
     seed: int = option(0, "seed for sampling (temperature > 0)")
-    num_shards: int = option(1, "split the prompts into this many shards, one writer each")
+    num_shards: int = option(1, "split the prompts into this many shards, one writer each", ge=1)
     prompts_per_shard: int | None = option(
         None,
         "fixed shards: shard k holds prompts [k·N, (k+1)·N) and --num_shards says how many to "
         "collect, so a larger --num_shards adds shards to the same store (a data budget); "
         "default: the prompts are dealt round-robin over --num_shards",
+        ge=1,
     )
     shard_index: int | None = option(
-        None, "collect only this shard (default: all, one after another)"
+        None, "collect only this shard (default: all, one after another)", ge=0
     )
     resume: bool = option(False, "continue an interrupted collection from its committed rows")
     overwrite: bool = option(False, "delete an existing store at the output path first")
@@ -154,17 +226,8 @@ class CollectConfig:
     def __post_init__(self) -> None:
         if isinstance(self.layout, dict):
             self.layout = StoreLayout(**self.layout)
-        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        check(self.sample_size >= 1, f"sample_size must be >= 1, got {self.sample_size}")
-        check(self.stride >= 1, f"stride must be >= 1, got {self.stride}")
-        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        check(self.max_samples is None or self.max_samples >= 1, "max_samples must be >= 1")
-        check(self.num_shards >= 1, f"num_shards must be >= 1, got {self.num_shards}")
-        check(
-            self.prompts_per_shard is None or self.prompts_per_shard >= 1,
-            f"prompts_per_shard must be >= 1, got {self.prompts_per_shard}",
-        )
+        validate_fields(self)
+        check_device(self.device)
         check(
             self.shard_index is None or 0 <= self.shard_index < self.num_shards,
             f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}",
@@ -256,16 +319,19 @@ class EvalConfig:
     )
     output: str | None = option(None, "write the results as JSON to this file")
     max_new_tokens: int = option(
-        256, "tokens to generate per prompt (capped by the model's context)"
+        256, "tokens to generate per prompt (capped by the model's context)", ge=1
     )
-    max_prompts: int | None = option(None, "evaluate only the first N prompts")
+    max_prompts: int | None = option(None, "evaluate only the first N prompts", ge=1)
     block_length: int | None = option(
-        None, "L, tokens per drafted block (the bonus token + L-1 drafts); default: the head's own"
+        None,
+        "L, tokens per drafted block (the bonus token + L-1 drafts); default: the head's own",
+        ge=2,
     )
     denoising_steps: int = option(
         1,
         "K, head forwards per draft: unmask the most confident positions in K steps "
         "(1 = all at once)",
+        ge=1,
     )
     first_position: str = option(
         "clean",
@@ -274,10 +340,11 @@ class EvalConfig:
         choices=["clean", "masked"],
     )
     prompt_lookup: bool = option(True, "also run the prompt-lookup (n-gram) baseline")
-    prompt_lookup_max_ngram: int = option(3, "longest suffix n-gram prompt lookup matches")
+    prompt_lookup_max_ngram: int = option(3, "longest suffix n-gram prompt lookup matches", ge=1)
     prompt_lookup_num_tokens: int | None = option(
         None,
         "drafts per round for prompt lookup; default block_length-1, so both verify equal blocks",
+        ge=1,
     )
     lookup_head: bool = option(
         True,
@@ -290,7 +357,9 @@ class EvalConfig:
         choices=["auto", "bfloat16", "float16", "float32"],
     )
     warmup_tokens: int = option(
-        16, "tokens decoded each way before timing starts (first calls allocate and warm caches)"
+        16,
+        "tokens decoded each way before timing starts (first calls allocate and warm caches)",
+        ge=0,
     )
     mlflow_tracking_uri: str | None = option(
         None,
@@ -304,23 +373,8 @@ class EvalConfig:
     experiment_name: str = option("dmtp", "MLflow experiment of a new evaluation run")
 
     def __post_init__(self) -> None:
-        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        check(self.max_prompts is None or self.max_prompts >= 1, "max_prompts must be >= 1")
-        check(
-            self.block_length is None or self.block_length >= 2,
-            "block_length must be >= 2 (the bonus token plus at least one draft), "
-            f"got {self.block_length}",
-        )
-        check(
-            self.denoising_steps >= 1, f"denoising_steps must be >= 1, got {self.denoising_steps}"
-        )
-        check(self.first_position in ("clean", "masked"), "first_position must be clean or masked")
-        check(self.prompt_lookup_max_ngram >= 1, "prompt_lookup_max_ngram must be >= 1")
-        check(
-            self.prompt_lookup_num_tokens is None or self.prompt_lookup_num_tokens >= 1,
-            "prompt_lookup_num_tokens must be >= 1",
-        )
-        check(self.warmup_tokens >= 0, f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
+        validate_fields(self)
+        check_device(self.device)
         check(
             self.head_path is not None or self.prompt_lookup,
             "nothing to evaluate: pass --head_path, or leave the prompt-lookup baseline on",
@@ -354,12 +408,14 @@ class ValidateConfig:
         1.0,
         "fraction of row blocks to decode and check, for a quick look at a huge store; metadata, "
         "chunk listings and shard indexes are always checked in full",
+        gt=0,
+        le=1,
     )
     seed: int = option(0, "which row blocks --sample picks")
     progress: bool = option(True, "show a progress bar (on stderr)")
 
     def __post_init__(self) -> None:
-        check(0.0 < self.sample <= 1.0, f"sample must be in (0, 1], got {self.sample}")
+        validate_fields(self)
 
 
 @dataclass
@@ -370,14 +426,18 @@ class DataConfig:
     sequence (-100 past its end).
     """
 
-    block_length: int = option(4, "L: tokens predicted from one hidden state (label length)")
+    block_length: int = option(4, "L: tokens predicted from one hidden state (label length)", ge=1)
     train_ratio: float = option(
-        0.9, "fraction of sequences (never positions: no leakage) for training; the rest validate"
+        0.9,
+        "fraction of sequences (never positions: no leakage) for training; the rest validate",
+        gt=0,
+        le=1,
     )
     max_samples: int | None = option(
         None,
         "use only the first sequences that hold this many samples (sample_size-token windows, "
         "counted as at collection); for quick tests",
+        ge=1,
     )
     loss_on: str = option(
         "response",
@@ -388,6 +448,7 @@ class DataConfig:
         16,
         "store chunks mixed in the shuffle buffer; memory per loader worker is about "
         "shuffle_chunks x chunk_rows x hidden_size x bytes per value",
+        ge=1,
     )
     split_seed: int = option(
         0, "seed of the train/validation split (kept apart from the training seed)"
@@ -399,23 +460,16 @@ class DataConfig:
         64,
         "blocks drawn from each sequence per pass: one forward computes a sequence's context once "
         "for all its blocks (DESIGN §4)",
+        ge=1,
     )
     max_sequence_rows: int = option(
-        2048, "longer sequences are cut into segments of this many rows (memory per sequence)"
+        2048,
+        "longer sequences are cut into segments of this many rows (memory per sequence)",
+        ge=1,
     )
 
     def __post_init__(self) -> None:
-        check(self.block_length >= 1, f"block_length must be >= 1, got {self.block_length}")
-        check(
-            0.0 < self.train_ratio <= 1.0, f"train_ratio must be in (0, 1], got {self.train_ratio}"
-        )
-        check(self.max_samples is None or self.max_samples >= 1, "max_samples must be >= 1")
-        check(
-            self.loss_on in ("response", "prompt", "all"),
-            f"loss_on must be response, prompt or all, got {self.loss_on!r}",
-        )
-        check(self.shuffle_chunks >= 1, f"shuffle_chunks must be >= 1, got {self.shuffle_chunks}")
-        check(self.anchors_per_sequence >= 1, "anchors_per_sequence must be >= 1")
+        validate_fields(self)
         check(
             self.max_sequence_rows > self.block_length,
             f"max_sequence_rows must exceed block_length, got {self.max_sequence_rows}",
@@ -439,7 +493,7 @@ class TrainConfig:
         "base model whose layer type, embedding and LM head a new head takes; default: the "
         "store's recorded base model, or random initialisation when the store names none",
     )
-    num_hidden_layers: int = option(1, "transformer layers in the head (usually 1)")
+    num_hidden_layers: int = option(1, "transformer layers in the head (usually 1)", ge=1)
     feature_layers: str = option(
         "auto",
         "base layers the head conditions on, as output_hidden_states indices (0 = embeddings), "
@@ -450,6 +504,7 @@ class TrainConfig:
         "context rows up to the anchor a block attends to; default all earlier positions (DFlash). "
         "On a CPU data budget 1 measured best (README, 'Draft quality'); 1 with --feature_layers "
         "last is the guide's head",
+        ge=1,
     )
     init_from_base: bool = option(
         False, "start the draft layers as copies of the base model's last decoder layers"
@@ -458,20 +513,25 @@ class TrainConfig:
         0,
         "draft only the N tokens the base model outputs most often in the store (EAGLE-3's draft "
         "vocabulary): the LM head is most of a small head's cost; 0: the whole vocabulary",
+        ge=0,
     )
     hidden_size: int | None = option(
-        None, "must equal the store's hidden size (default: the store's)"
+        None, "must equal the store's hidden size (default: the store's)", ge=1
     )
+    # >= 2: the base tokens plus one to serve as the mask
     vocab_size: int | None = option(
         None,
         "the base vocabulary (the head borrows the base model's embedding and LM head); "
         "accepted for the guide's commands, checked against the store",
+        ge=2,
     )
     mask_token_id: int | None = option(
-        None, "a base token id used as [MASK] (default: the largest id the store never outputs)"
+        None,
+        "a base token id used as [MASK] (default: the largest id the store never outputs)",
+        ge=0,
     )
     pad_token_id: int | None = option(
-        None, "pad id recorded in the head (default: the base model's)"
+        None, "pad id recorded in the head (default: the base model's)", ge=0
     )
     # data
     train_data_dir: str = option(
@@ -482,32 +542,40 @@ class TrainConfig:
         1.0,
         "fraction of the store's row blocks `dmtp validate` decodes before training; 0 skips it "
         "(when a flow has just validated the store)",
+        ge=0,
+        le=1,
     )
     # optimisation
     output_dir: str = option(
         "mtp_checkpoints", "checkpoints and the final head (<output_dir>/final)"
     )
-    per_device_train_batch_size: int = option(32, "examples per device per step")
-    per_device_eval_batch_size: int | None = option(None, "default: per_device_train_batch_size")
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    dataloader_num_workers: int = option(0, "loader processes per rank")
-    num_train_epochs: float = option(3.0, "passes over the training split")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (overrides epochs)")
-    learning_rate: float = option(5e-5, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.0, "AdamW weight decay (never on norms, biases, embeddings)")
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
-    warmup_steps: int = option(0, "linear warm-up steps", aliases=["warmup_step"])
+    per_device_train_batch_size: int = option(32, "examples per device per step", ge=1)
+    per_device_eval_batch_size: int | None = option(
+        None, "default: per_device_train_batch_size", ge=1
+    )
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
+    dataloader_num_workers: int = option(0, "loader processes per rank", ge=0)
+    num_train_epochs: float = option(3.0, "passes over the training split", gt=0)
+    max_steps: int | None = option(
+        None, "stop after this many optimizer steps (overrides epochs)", ge=1
+    )
+    learning_rate: float = option(5e-5, "peak learning rate (AdamW)", gt=0)
+    weight_decay: float = option(
+        0.0, "AdamW weight decay (never on norms, biases, embeddings)", ge=0
+    )
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", ge=0)
+    warmup_steps: int = option(0, "linear warm-up steps", ge=0, aliases=["warmup_step"])
     lr_scheduler_type: str = option(
         "linear", "learning-rate schedule after warm-up", choices=["linear", "cosine", "constant"]
     )
     scheduler_type: str = option(
         "linear", "noise schedule α(t) (DESIGN §4)", choices=["linear", "kappa", "cosine"]
     )
-    kappa: float = option(2.0, "κ of the kappa schedule α(t) = 1 - t^κ")
+    kappa: float = option(2.0, "κ of the kappa schedule α(t) = 1 - t^κ", gt=0)
     loss_weight_type: str = option(
         "scheduler", "w(t): the schedule's ELBO weight, or ones", choices=["scheduler", "ones"]
     )
-    time_epsilon: float = option(1e-3, "t is drawn from U[time_epsilon, 1)")
+    time_epsilon: float = option(1e-3, "t is drawn from U[time_epsilon, 1)", ge=0, lt=1)
     objective: str = option(
         "decode_all",
         "decode_all: position 0 clean and out of the loss, 1..L-1 all masked (one-step drafting, "
@@ -516,7 +584,7 @@ class TrainConfig:
         choices=["decode", "decode_all", "seed"],
     )
     position_decay: float = option(
-        0.0, "weight draft position k by exp(-(k-1)/γ) (DFlash); 0: equal weights"
+        0.0, "weight draft position k by exp(-(k-1)/γ) (DFlash); 0: equal weights", ge=0
     )
     seed: int = option(42, "seed of initialisation, shuffling and masking (every rank alike)")
     mixed_precision: str = option(
@@ -531,20 +599,22 @@ class TrainConfig:
         None, "DeepSpeed JSON config (deploy/deepspeed/zero2.json, zero3.json)"
     )
     # logging, evaluation, checkpoints
-    logging_steps: int = option(100, "log training metrics every N steps")
+    logging_steps: int = option(100, "log training metrics every N steps", ge=1)
     eval_steps: int | None = option(
-        None, "evaluate every N steps (default: at every save and at the end)"
+        None, "evaluate every N steps (default: at every save and at the end)", ge=1
     )
     max_eval_examples: int = option(
-        2048, "validation examples per evaluation (the split's first N)"
+        2048, "validation examples per evaluation (the split's first N)", ge=0
     )
-    save_steps: int = option(1000, "write a checkpoint every N steps")
-    save_total_limit: int | None = option(3, "keep only the newest N checkpoints")
+    save_steps: int = option(1000, "write a checkpoint every N steps", ge=1)
+    save_total_limit: int | None = option(3, "keep only the newest N checkpoints", ge=1)
     resume_from_checkpoint: str | None = option(
         None, "a checkpoint folder, or `auto` for the newest one in output_dir"
     )
     check_replicas_steps: int = option(
-        0, "every N steps, check all ranks hold identical weights (all-gather a checksum); 0: never"
+        0,
+        "every N steps, check all ranks hold identical weights (all-gather a checksum); 0: never",
+        ge=0,
     )
     mlflow_tracking_uri: str | None = option(
         None,
@@ -579,55 +649,20 @@ class TrainConfig:
             self.eval_steps = min(self.eval_steps or 10, 10)
             self.max_eval_examples = min(self.max_eval_examples, 256)
             self.data.max_samples = min(self.data.max_samples or 64, 64)
+        # torchrun starts one rank per GPU and each takes its own (LOCAL_RANK among the ones
+        # CUDA_VISIBLE_DEVICES lists): a fixed cuda:N would put every rank on the same GPU.
         check(
-            self.num_hidden_layers >= 1,
-            f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}",
+            not (isinstance(self.device, str) and self.device.startswith("cuda:")),
+            f"device {self.device!r}: training runs one torchrun rank per GPU, so it takes auto, "
+            "cpu or cuda; choose the GPUs with CUDA_VISIBLE_DEVICES (e.g. "
+            f"CUDA_VISIBLE_DEVICES={str(self.device).partition(':')[2]} and device cuda)",
         )
-        for name in (
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "logging_steps",
-            "save_steps",
-        ):
-            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        check(self.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0")
+        validate_fields(self)
         check(
-            self.num_train_epochs > 0, f"num_train_epochs must be > 0, got {self.num_train_epochs}"
-        )
-        check(
-            self.max_steps is None or self.max_steps >= 1,
-            f"max_steps must be >= 1, got {self.max_steps}",
-        )
-        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        check(
-            0.0 <= self.time_epsilon < 1.0,
-            f"time_epsilon must be in [0, 1), got {self.time_epsilon}",
-        )
-        check(self.kappa > 0, f"kappa must be > 0, got {self.kappa}")
-        check(
-            self.draft_vocab_size >= 0,
-            f"draft_vocab_size must be >= 0, got {self.draft_vocab_size}",
-        )
-        check(self.position_decay >= 0, f"position_decay must be >= 0, got {self.position_decay}")
-        check(
-            self.context_window is None or self.context_window >= 1,
-            f"context_window must be >= 1, got {self.context_window}",
-        )
-        check(
-            0.0 <= self.validate_sample <= 1.0,
-            f"validate_sample must be in [0, 1], got {self.validate_sample}",
-        )
-        check(self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be >= 1")
-        check(self.max_eval_examples >= 0, "max_eval_examples must be >= 0")
-        check(
-            self.save_total_limit is None or self.save_total_limit >= 1,
-            "save_total_limit must be >= 1",
-        )
-        check(self.check_replicas_steps >= 0, "check_replicas_steps must be >= 0")
-        check(
-            self.vocab_size is None or self.vocab_size >= 2,
-            f"vocab_size must be >= 2 (tokens plus the mask), got {self.vocab_size}",
+            self.feature_layers in ("auto", "last")
+            or _parse_layer_list(str(self.feature_layers).replace(" ", "")) is not None,
+            f"--feature_layers {self.feature_layers!r}: use auto, last, or layer indices like "
+            "2,15,28",
         )
 
     @property
@@ -649,6 +684,7 @@ class ImportPtConfig:
         None,
         "the base model's vocabulary size (the .pt files do not record it; the head's mask token "
         "defaults to this id); or pass --base_model_path",
+        ge=1,
     )
     base_model_path: str | None = option(
         None, "read vocab_size from this model folder's config.json (no weights are loaded)"
@@ -657,6 +693,7 @@ class ImportPtConfig:
         None,
         "step between windows of one sample at collection; default: found from the overlaps "
         "(windows of one sample_id must agree on their overlap, which is stored once)",
+        ge=1,
     )
     generated: str = option(
         "infer",
@@ -671,12 +708,7 @@ class ImportPtConfig:
         if isinstance(self.layout, dict):
             self.layout = StoreLayout(**self.layout)
         check(self.input_dir is not None, "pass the folder of .pt files: dmtp import-pt DIR")
-        check(self.vocab_size is None or self.vocab_size >= 1, "vocab_size must be >= 1")
-        check(self.stride is None or self.stride >= 1, f"stride must be >= 1, got {self.stride}")
-        check(
-            self.generated in ("infer", "all", "none"),
-            f"generated must be infer, all or none, got {self.generated!r}",
-        )
+        validate_fields(self)
 
     @property
     def store_path(self) -> Path:
@@ -695,7 +727,11 @@ class ExportConfig:
     """
 
     head_path: str | None = option(None, "trained head folder (`dmtp train`'s <output_dir>/final)")
-    format: str = option("dflash", f"checkpoint layout to write: {', '.join(EXPORT_FORMATS)}")
+    format: str = option(
+        "dflash",
+        f"checkpoint layout to write: {', '.join(EXPORT_FORMATS)}",
+        choices=EXPORT_FORMATS,
+    )
     output_dir: str | None = option(
         None, "folder to write (config.json, model.safetensors, README.md)"
     )
@@ -719,11 +755,4 @@ class ExportConfig:
     def __post_init__(self) -> None:
         check(self.head_path is not None, "pass the head to export: --head_path <output_dir>/final")
         check(self.output_dir is not None, "pass where to write the export: --output_dir DIR")
-        check(
-            self.format in EXPORT_FORMATS,
-            f"format {self.format!r} is not supported: use {' or '.join(EXPORT_FORMATS)}",
-        )
-        check(
-            self.dtype in ("auto", "bfloat16", "float16", "float32"),
-            f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}",
-        )
+        validate_fields(self)
