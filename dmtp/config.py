@@ -465,7 +465,8 @@ class DataConfig:
     max_sequence_rows: int = option(
         2048,
         "longer sequences are cut into segments of this many rows (memory per sequence)",
-        ge=1,
+        # more than block_length (checked below), itself >= 1
+        ge=2,
     )
 
     def __post_init__(self) -> None:

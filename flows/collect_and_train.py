@@ -39,8 +39,8 @@ from dmtp.config import (
     StoreLayout,
     TrainConfig,
 )
-from tasks.collect import collect_shard, model_name, plan_collection
-from tasks.evaluate import evaluate_head
+from tasks.collect import collect_config, collect_shard, model_name, plan_collection
+from tasks.evaluate import eval_config, evaluate_head
 from tasks.export import export_head
 from tasks.launch import visible_gpus
 from tasks.manifests import (
@@ -134,6 +134,28 @@ def resolve_tracking_uri(mlflow_tracking_uri: str | None, root: Path) -> str:
     from dmtp.tracking import resolve_tracking_uri as resolve
 
     return str(resolve(mlflow_tracking_uri, root))
+
+
+def check_settings(
+    *,
+    collect_settings: dict[str, Any] | None = None,
+    num_shards: int = 1,
+    train_settings: dict[str, Any] | None = None,
+    eval_settings: dict[str, Any] | None = None,
+) -> None:
+    """Build each stage's config from a flow's settings, as its task will later.
+
+    A bad setting (a misspelt choice, a value out of range, a device torchrun cannot use) fails the
+    flow run here with the config's own one-line DmtpError, before any task starts: not after
+    hours of collection.
+    """
+    if collect_settings is not None:
+        collect_config(None, None, collect_settings, num_shards)
+    if train_settings is not None:
+        train_config(train_settings)
+    if eval_settings is not None:
+        # The head does not exist until this run trains it: a stand-in path lets the rest be checked.
+        eval_config(eval_settings, head_path="(the head this run trains)")
 
 
 def configured(task: Any, root: Path, refresh_cache: bool) -> Any:
@@ -446,19 +468,21 @@ def collect_and_train(
     stall_timeout_minutes: kill and retry a stage that printed nothing and wrote nothing this long.
     """
     logger = get_run_logger()
+    collect_settings = _collect_settings(locals())
+    train_settings = _train_settings(locals())
+    eval_settings = _eval_settings(locals()) if evaluate else None
+    check_settings(
+        collect_settings=collect_settings,
+        num_shards=num_shards,
+        train_settings=train_settings,
+        eval_settings=eval_settings,
+    )
     root = resolve_data_root(data_root)
     tracking_uri = resolve_tracking_uri(mlflow_tracking_uri, root)
-    train_settings = _train_settings(locals())
-    train_config(train_settings)  # a bad training setting fails now, not after hours of collection
-    eval_settings = _eval_settings(locals()) if evaluate else None
     gpus = visible_gpus()
     logger.info("data root %s, MLflow %s, GPUs %s", root, tracking_uri, gpus or "none (CPU)")
     plan = configured(plan_collection, root, refresh_cache)(
-        base_model_path,
-        input_data_path,
-        _collect_settings(locals()),
-        num_shards,
-        str(root),
+        base_model_path, input_data_path, collect_settings, num_shards, str(root)
     )
     stall_s = stall_timeout_minutes * 60
     store, cached, shard_facts = collect_store(
@@ -567,10 +591,12 @@ def collect(
 ) -> dict[str, Any]:
     """Collect and validate a store (the first half of collect-and-train); returns where it is."""
     logger = get_run_logger()
+    collect_settings = _collect_settings(locals())
+    check_settings(collect_settings=collect_settings, num_shards=num_shards)
     root = resolve_data_root(data_root)
     gpus = visible_gpus()
     plan = configured(plan_collection, root, refresh_cache)(
-        base_model_path, input_data_path, _collect_settings(locals()), num_shards, str(root)
+        base_model_path, input_data_path, collect_settings, num_shards, str(root)
     )
     store, cached, shard_facts = collect_store(
         plan,
@@ -624,11 +650,11 @@ def train(
     Parameters as collect-and-train's; artifact keys default to `train-<deployment>`.
     """
     logger = get_run_logger()
+    train_settings = _train_settings(locals())
+    eval_settings = _eval_settings(locals()) if evaluate else None
+    check_settings(train_settings=train_settings, eval_settings=eval_settings)
     root = resolve_data_root(data_root)
     tracking_uri = resolve_tracking_uri(mlflow_tracking_uri, root)
-    train_settings = _train_settings(locals())
-    train_config(train_settings)
-    eval_settings = _eval_settings(locals()) if evaluate else None
     gpus = visible_gpus()
     plan = configured(plan_existing_store, root, refresh_cache)(train_data_dir)
     stall_s = stall_timeout_minutes * 60

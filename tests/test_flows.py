@@ -420,3 +420,47 @@ def test_a_store_failing_validation_stops_the_flow_before_training(prefect_backe
     assert runs["validate data store"].state.is_failed()
     assert not [name for name in runs if name.startswith("train")]
     assert not (tmp_path / "root" / "heads").exists()
+
+
+# The settings check: each case is a bad setting a Prefect UI form or a script can pass, and the
+# config that refuses it (built in Python here, to show the flow fails with that same message).
+INVALID_SETTINGS = {
+    "misspelt_choice": ({"scheduler_type": "cosin"}, ("TrainConfig", {"scheduler_type": "cosin"})),
+    "choice_in_train_options": (
+        {"train_options": {"mixed_precision": "fp8"}},
+        ("TrainConfig", {"mixed_precision": "fp8"}),
+    ),
+    "training_range": ({"learning_rate": 0.0}, ("TrainConfig", {"learning_rate": 0.0})),
+    "collection_range": ({"temperature": -1.0}, ("CollectConfig", {"temperature": -1.0})),
+    "store_layout": (
+        {"chunk_rows": 16, "rows_per_file": 40},
+        ("StoreLayout", {"chunk_rows": 16, "rows_per_file": 40}),
+    ),
+    "evaluation_range": (
+        {"evaluate": True, "denoising_steps": 0},
+        ("EvalConfig", {"head_path": "h", "denoising_steps": 0}),
+    ),
+    "device_torchrun_cannot_use": ({"device": "cuda:1"}, ("TrainConfig", {"device": "cuda:1"})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_SETTINGS))
+def test_an_invalid_setting_fails_the_flow_before_any_task_starts(prefect_backend, tmp_path, case):
+    import dmtp.config
+    from dmtp.errors import DmtpError
+    from flows.collect_and_train import collect_and_train
+
+    overrides, (config_name, values) = INVALID_SETTINGS[case]
+    with pytest.raises(DmtpError) as direct:
+        getattr(dmtp.config, config_name)(**values)
+    root = tmp_path / "root"
+    state = collect_and_train(
+        **_parameters(Path("no-model"), Path("no-prompts.jsonl"), root, **overrides),
+        return_state=True,
+    )
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, DmtpError) and str(error) == str(direct.value)
+    assert "\n" not in str(error)
+    assert _task_runs(state) == {}  # not even plan_collection started
+    assert not root.exists()
