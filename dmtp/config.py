@@ -370,7 +370,10 @@ class EvalConfig:
     mlflow_run_id: str | None = option(
         None, "log into this run (e.g. the head's training run); unset: a new run, linked by tag"
     )
-    experiment_name: str = option("dmtp", "MLflow experiment of a new evaluation run")
+    experiment_name: str | None = option(
+        None,
+        "MLflow experiment of a new evaluation run (default: its training run's, else dmtp)",
+    )
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -562,13 +562,14 @@ def log_evaluation_to_mlflow(
     result: dict[str, Any],
     tracking_uri: str,
     run_id: str | None = None,
-    experiment: str = "dmtp",
+    experiment: str | None = None,
     linked_run_id: str | None = None,
 ) -> str:
     """Attach an evaluation to MLflow: metrics, `evaluation/evaluation.json`, `evaluation/evaluation.png`.
 
     With `run_id`, into that run (e.g. the head's training run, finished or not). Otherwise into a
-    new run of `experiment`, tagged `dmtp.evaluates_run` = `linked_run_id` when given. The
+    new run of `experiment` (default: the linked run's), tagged `dmtp.evaluates_run` =
+    `linked_run_id` when given. The
     training run's registered head version gets τ and speedup as tags (dmtp.tracking.log_evaluation).
     Returns the run id.
     """

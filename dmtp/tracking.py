@@ -251,6 +251,10 @@ class Tracker:
         if not enabled:
             return
         self.mlflow = _mlflow()
+        # MLflow's fluent API (runs, system metrics, models, registry) reads a process-wide URI,
+        # and set_tracking_uri also exports it as $MLFLOW_TRACKING_URI. Restored by finish(), so
+        # a later training or evaluation in this process resolves its own store.
+        self._previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
         self.mlflow.set_tracking_uri(self.tracking_uri)
 
     def start(
@@ -358,8 +362,11 @@ class Tracker:
         }
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id:
+        if not self.enabled:
+            return
+        if self.run_id:
             self.mlflow.end_run(status=status)
+        self.mlflow.set_tracking_uri(self._previous_uri)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,6 +378,20 @@ def model_versions_of_run(client: Any, run_id: str) -> list[Any]:
     return list(client.search_model_versions(f"run_id = '{run_id}'"))
 
 
+def _evaluation_experiment(
+    client: Any, tracking_uri: str, experiment: str | None, linked_run_id: str | None
+) -> str:
+    """`experiment`, else the linked training run's (when this store holds it), else `dmtp`."""
+    from mlflow.exceptions import MlflowException
+
+    if experiment is None and linked_run_id:
+        try:
+            return client.get_run(linked_run_id).info.experiment_id
+        except MlflowException:  # the run is in another store: fall back to the default
+            pass
+    return experiment_id(client, experiment or "dmtp", tracking_uri)
+
+
 def log_evaluation(
     tracking_uri: str,
     *,
@@ -380,15 +401,16 @@ def log_evaluation(
     summary: str,
     version_tags: dict[str, str],
     run_id: str | None = None,
-    experiment: str = "dmtp",
+    experiment: str | None = None,
     linked_run_id: str | None = None,
 ) -> str:
     """Attach an evaluation to MLflow; returns the run id it went into.
 
     With `run_id`, into that run (the head's training run, finished or not); its params are left
-    alone (they may hold these names with other values). Otherwise into a new run of `experiment`
-    (created by the same rule as training's), tagged `dmtp.evaluates_run` = `linked_run_id` and
-    with `params` as `eval.<name>`. `files` go under the artifact folder `evaluation/`; `summary`
+    alone (they may hold these names with other values). Otherwise into a new run tagged
+    `dmtp.evaluates_run` = `linked_run_id`, with `params` as `eval.<name>`, in `experiment`
+    (created by the same rule as training's); by default in the linked run's experiment, beside
+    the training it evaluates, else in `dmtp`. `files` go under the artifact folder `evaluation/`; `summary`
     into the tag `dmtp.evaluation`. The training run's registered model versions get
     `version_tags` (τ, speedup) and `summary` as their description, and its logged model the
     metrics. Uses MlflowClient, so no active run is started or ended behind the caller's back.
@@ -408,7 +430,7 @@ def log_evaluation(
         if linked_run_id:
             tags["dmtp.evaluates_run"] = linked_run_id
         run_id = client.create_run(
-            experiment_id(client, experiment, tracking_uri), tags=tags
+            _evaluation_experiment(client, tracking_uri, experiment, linked_run_id), tags=tags
         ).info.run_id
     trained_by = run_id if not created else linked_run_id
     versions = model_versions_of_run(client, trained_by) if trained_by else []

@@ -1021,11 +1021,11 @@ def train(config: TrainConfig) -> TrainResult:
         _agree_on_validation(config, plan, accelerator)
         set_seed(config.seed)
         trainer = Trainer(config, plan, accelerator)
-        trainer.setup(resume_from)
         try:
+            trainer.setup(resume_from)
             result = trainer.fit()
         except BaseException:
-            trainer.tracker.finish(status="FAILED")
+            trainer.tracker.finish(status="FAILED")  # also hands back MLflow's global URI
             raise
     finally:
         accelerator.end_training()

@@ -192,6 +192,7 @@ def test_a_training_run_records_its_store_flow_run_and_registered_head(
         RUN_TAGS_ENV,
         json.dumps({"prefect.flow_run_id": "f-123", "prefect.deployment": "collect-and-train/gpu"}),
     )
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = TrainConfig(
         train_data_dir=str(store),
         output_dir=str(tmp_path / "out"),
@@ -204,7 +205,10 @@ def test_a_training_run_records_its_store_flow_run_and_registered_head(
     tracker.log_metrics({"val/tau": 1.5}, step=3)
     head_dir = _tiny_head(tmp_path / "out" / "final")
     recorded = tracker.log_head(head_dir, 3, "dmtp-tiny", {"block_length": "4"})
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_server  # what MLflow's fluent API reads
     tracker.finish()
+    # handed back: a later training in this process resolves its own store
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
     run = client.get_run(tracker.run_id)
     assert run.info.run_name == "collect-and-train tiny x2 shards"
@@ -231,6 +235,7 @@ def test_a_training_run_records_its_store_flow_run_and_registered_head(
     assert version.run_id == tracker.run_id and version.tags["block_length"] == "4"
     assert version.source == f"models:/{output.model_id}"
     assert client.get_registered_model("dmtp-tiny").description
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # where models:/ URIs resolve
     folder = Path(
         download_artifacts(f"models:/dmtp-tiny/{version.version}", dst_path=tmp_path / "dl")
     )
@@ -286,3 +291,55 @@ def test_an_evaluation_without_a_run_gets_its_own_linked_run(client, mlflow_serv
     assert run.data.tags["dmtp.evaluates_run"] == training
     assert run.data.params["eval.max_new_tokens"] == "16"
     assert client.get_experiment(run.info.experiment_id).name == "evaluations"
+
+
+def test_dmtp_evaluate_joins_the_run_its_head_was_trained_in(
+    client, mlflow_server, debug_model_dir, tmp_path, monkeypatch
+):
+    """`dmtp train` then `dmtp evaluate` with no tracking flags: the evaluation finds the training
+    run and its store through train_summary.json and tags the registered version."""
+    from dmtp.config import DataConfig, EvalConfig
+    from dmtp.evaluate import evaluate, recorded_training
+    from dmtp.train import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "data"
+    write_synthetic_store(store, sequence_lengths=[20] * 4, hidden_size=64, vocab_size=320)
+    trained = train(
+        TrainConfig(
+            train_data_dir=str(store),
+            output_dir=str(tmp_path / "out"),
+            base_model_path=str(debug_model_dir),
+            data=DataConfig(train_ratio=1.0),
+            per_device_train_batch_size=16,
+            max_steps=2,
+            mlflow_tracking_uri=mlflow_server,
+            experiment_name="chain",
+        )
+    )
+    assert recorded_training(trained.final_dir) == {
+        "mlflow_run_id": trained.run_id,
+        "mlflow_tracking_uri": mlflow_server,
+    }
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Tell me about owls."}) + "\n")
+    result = evaluate(
+        EvalConfig(
+            base_model_path=str(debug_model_dir),
+            head_path=str(trained.final_dir),
+            input_data_path=str(prompts),
+            max_new_tokens=8,
+            warmup_tokens=2,
+            device="cpu",
+        ),
+        progress=False,
+    )
+    # a new evaluation run linked to the training run, in the store the training logged to
+    evaluation = client.get_run(result["mlflow_run_id"])
+    assert evaluation.data.tags["dmtp.evaluates_run"] == trained.run_id
+    assert client.get_experiment(evaluation.info.experiment_id).name == "chain"  # beside it
+    (version,) = client.search_model_versions(f"run_id = '{trained.run_id}'")
+    assert version.name == f"dmtp-{debug_model_dir.name}"
+    tau = result["drafters"]["head"]["overall"]["tau"]
+    assert version.tags["tau"] == f"{tau:.4f}" and "prompt_lookup_tau" in version.tags
+    assert version.tags["evaluation_run_id"] == evaluation.info.run_id
