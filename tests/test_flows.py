@@ -184,6 +184,7 @@ def test_a_larger_data_budget_adds_shards_to_the_same_store(
         "logging_steps",
         "save_steps",
         "evaluate",
+        "export",
     ):
         parameters.pop(key, None)
     small = collect(**parameters, num_shards=1)
@@ -273,6 +274,7 @@ def collected(prefect_backend, debug_model_dir, prompts, tmp_path_factory):
         "logging_steps",
         "save_steps",
         "evaluate",
+        "export",
     ):
         parameters.pop(key, None)
     os.environ["DMTP_FAIL_ONCE"] = "collect_shard"
@@ -345,6 +347,7 @@ def test_a_shard_killed_mid_way_is_resumed_not_restarted(
         "logging_steps",
         "save_steps",
         "evaluate",
+        "export",
     ):
         parameters.pop(key, None)
     settings = {
