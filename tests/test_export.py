@@ -255,7 +255,10 @@ def test_the_final_state_is_exported_with_a_caveat(debug_model_dir):
     ("argv", "message"),
     [
         (["--head_path", "{tmp}/nowhere"], "head not found: {tmp}/nowhere"),
-        (["--head_path", "{tmp}", "--format", "eagle3"], "format 'eagle3' is not supported"),
+        (
+            ["--head_path", "{tmp}", "--format", "eagle3"],
+            "format must be one of dflash; got 'eagle3'",
+        ),
         (["--head_path", "{tmp}"], "not a head folder (no config.json)"),
         (["--output_dir", "{tmp}/x"], "pass the head to export"),
     ],
