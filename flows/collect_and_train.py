@@ -351,6 +351,7 @@ def summarize(
             acceptance_length=evaluation.acceptance_length,
             speedup=evaluation.speedup,
             prompt_lookup_acceptance_length=evaluation.prompt_lookup_acceptance_length,
+            drafters=evaluation.summary,
         )
     return summary
 

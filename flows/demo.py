@@ -82,11 +82,18 @@ def report(summary: dict[str, Any], seconds: float) -> str:
             + ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in shown.items())
         )
     if summary.get("acceptance_length") is not None:
+        figures = summary.get("drafters") or {}
+        lookup_head = figures.get("lookup_head") or {}
         lines.append(
             f"  decoding    head τ={summary['acceptance_length']:.2f}, speedup {summary['speedup']:.2f}x"
             f" vs greedy; prompt lookup τ={summary['prompt_lookup_acceptance_length']:.2f}"
-            f"  ({summary['evaluation']})"
+            + (
+                f"; lookup+head τ={lookup_head['tau']:.2f}, speedup {lookup_head['speedup']:.2f}x"
+                if lookup_head.get("tau") is not None
+                else ""
+            )
         )
+        lines.append(f"              ({summary['evaluation']})")
     if summary.get("mlflow_run_id"):
         command, url = mlflow_location(summary["mlflow_tracking_uri"], summary["mlflow_run_id"])
         lines.append(
@@ -95,6 +102,11 @@ def report(summary: dict[str, Any], seconds: float) -> str:
         if command:
             lines.append(f"              {command}")
         lines.append(f"              then open {url}")
+    if summary.get("registered_model_version"):
+        lines.append(
+            f"  registered  model {summary['registered_model_name']} "
+            f"version {summary['registered_model_version']} (MLflow model registry)"
+        )
     artifacts = summary.get("artifacts") or {}
     if artifacts:
         lines.append(f"  Prefect     artifacts {', '.join(artifacts.values())}")
