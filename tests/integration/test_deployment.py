@@ -177,6 +177,19 @@ def test_deployment_runs_the_flow_on_the_worker_and_reruns_from_cache(
     assert version.source == f"models:/{output.model_id}"
     assert float(version.tags["tau"]) >= 1.0 and float(version.tags["speedup"]) > 0
     assert version.tags["evaluation_run_id"] == run.info.run_id
+    # the Prefect UI: the evaluation table and the link to this MLflow run, under the keys of
+    # flow and deployment (so every run of the deployment adds to one history)
+    found = httpx.post(
+        f"{services['PREFECT_API_URL']}/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [first_id]}}},
+        timeout=30,
+    ).json()
+    by_key = {artifact["key"]: artifact for artifact in found}
+    table = by_key["collect-and-train-gpu-evaluation"]
+    rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    assert [row["method"] for row in rows][0] == "head" and rows[-1]["method"] == "greedy"
+    assert abs(rows[0]["tau"] - float(version.tags["tau"])) < 1e-3
+    assert run.info.run_id in by_key["collect-and-train-gpu-mlflow-run"]["data"]
 
     second_id = _run_deployment(services, parameters)
     second, second_tasks = _flow_run(services, second_id)
