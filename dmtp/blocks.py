@@ -133,7 +133,8 @@ class AnchoredBlocks(IterableDataset):
         """Anchors per epoch, roughly (each segment's row count, capped per segment)."""
         return sum(min(s.stop - s.start, self.anchors_per_sequence) for s in self.segments)
 
-    def _shard(self, position: int) -> Any:
+    def shard(self, position: int) -> Any:
+        """The store shard behind `index.shards[position]`, opened once per process."""
         if position not in self._shards:
             self._shards[position] = open_store(self.index.path).shard(
                 self.index.shards[position].shard
@@ -144,7 +145,7 @@ class AnchoredBlocks(IterableDataset):
         self, segment: Segment, rng: np.random.Generator | None
     ) -> dict[str, np.ndarray]:
         """Features `[S, F, H]`, anchors `[A]` (segment rows) and labels `[A, L]` of one segment."""
-        shard = self._shard(segment.position)
+        shard = self.shard(segment.position)
         label_stop = min(segment.stop + self.block_length, segment.end)
         try:
             features = shard.read_features(segment.start, segment.stop, self.feature_layers)

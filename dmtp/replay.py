@@ -159,7 +159,7 @@ def replay_store(
         anchors = item["anchors"]
         if len(anchors) == 0:
             continue
-        shard = blocks._shard(segment.position)
+        shard = blocks.shard(segment.position)
         inputs = np.asarray(shard.array("input_ids")[segment.start : segment.end]).tolist()
         outputs = np.asarray(shard.array("tokens")[segment.start : segment.end]).tolist()
         # The first round anchors at the last prompt row; its output is the first answer token.
