@@ -13,8 +13,8 @@ demo: bootstrap
 	$(VENV)/bin/python -m flows.demo
 
 # The recommended head for the embedded default, from its own answers to ShareGPT prompts
-# (3 shards: ~36 min of collection on 2 idle CPU cores, measured at 45 generated tok/s; not yet
-# timed end to end; `make head HEAD_ARGS="--data_shards 12"` buys more data with more time).
+# (8 shards, ~46 min on 2 idle CPU cores; `make head HEAD_ARGS="--data_shards 16"` buys more data
+# with more time, reusing the shards already collected).
 head: bootstrap
 	$(VENV)/bin/python -m flows.head $(HEAD_ARGS)
 

@@ -1,7 +1,7 @@
 """The recommended head for the embedded default model, trained on a CPU in about an hour: `make head`.
 
-    python -m flows.head                      # 3 shards: collect (~36 min on 2 idle cores), train, evaluate
-    python -m flows.head --data_shards 8      # a bigger data budget: adds shards to the same store
+    python -m flows.head                      # 8 shards: collect, train, evaluate (~46 min, 2 idle cores)
+    python -m flows.head --data_shards 16     # a bigger data budget: adds shards to the same store
 
 Runs the `collect-and-train` flow in this process (as `make demo` does) with the recipe that
 measured best (README, "Draft quality"): SmolLM2-135M-Instruct answers ShareGPT prompts greedily
@@ -25,8 +25,8 @@ from typing import Any
 
 from flows.demo import REPO_ROOT, _environment, report
 
-# ~160 x 150 generated tokens a shard: ~12 min on 2 idle CPU cores (45 generated tok/s measured on
-# ShareGPT, bf16, batch 32, answers up to 256 tokens)
+# ~57k rows a shard (~35k answer tokens, answers up to 256): 3.2-3.4 min on 2 idle CPU cores
+# (bf16, batch 32), measured 2026-11-28
 PROMPTS_PER_SHARD = 160
 
 # The recipe (README, "Draft quality"). Training settings that have no flow parameter of their own
@@ -36,7 +36,9 @@ HEAD_PARAMETERS: dict[str, Any] = {
     "max_new_tokens": 256,
     "batch_size": 32,
     "dtype": "bfloat16",
-    "data_shards": 3,  # ~36 min of collection, leaving the rest of an hour to train and evaluate
+    # Measured on 2 idle cores: 3 shards 21.3 min end to end; growing them to 8 took 35.7 min more
+    # (5 shards collected, 1,445 steps in 11.7 min, evaluation 6.5 min): ~46 min from scratch
+    "data_shards": 8,
     "block_length": 4,
     "per_device_train_batch_size": 256,
     # τ kept rising to ~5 epochs of 64 anchors a sequence (README, "Draft quality": 200 steps on
