@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from integration.stack import local_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,57 +36,15 @@ CREDENTIALS = {
     "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD,
 }
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-SERVICES = ("prefect-server", "mlflow-server", "worker")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def secured_services(tmp_path_factory):
     """deploy/up.sh with credentials in a scratch data root on free ports; deploy/down.sh after."""
+    # DMTP_WORKER_LIMIT: worker.sh's default, spelled out, as it is what is under test
     scratch = tmp_path_factory.mktemp("secured")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "DMTP_SERVICES_DIR", "PREFECT_PROFILE")
-    }
-    env.update(
-        CREDENTIALS,
-        DMTP_DATA_ROOT=str(scratch / "runs"),
-        PREFECT_HOME=str(scratch / "prefect"),
-        PREFECT_PORT=str(_free_port()),
-        MLFLOW_PORT=str(_free_port()),
-        PREFECT_WORKER_QUERY_SECONDS="1",  # pick a scheduled run up within a second, not ten
-        DMTP_RETRY_DELAY_SECONDS="1",
-        DMTP_WORKER_LIMIT="1",  # worker.sh's default, spelled out: this is what is under test
-    )
-    env["PATH"] = f"{REPO_ROOT / '.venv' / 'bin'}:{env['PATH']}"
-    services_dir = scratch / "runs" / "services"
-    pids: dict[str, int] = {}
-    try:
-        subprocess.run(
-            [str(REPO_ROOT / "deploy" / "up.sh")], env=env, check=True, timeout=300, cwd=REPO_ROOT
-        )
-        pids = {name: int((services_dir / f"{name}.pid").read_text()) for name in SERVICES}
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
-        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{env['MLFLOW_PORT']}"
+    with local_stack(scratch, **CREDENTIALS, DMTP_WORKER_LIMIT="1") as env:
         yield env
-    finally:
-        subprocess.run([str(REPO_ROOT / "deploy" / "down.sh")], env=env, timeout=120, cwd=REPO_ROOT)
-        from tasks.launch import kill_trees
-
-        kill_trees(pids.values(), grace_s=5)  # only if down.sh failed: never leave them behind
-        alive = [
-            name
-            for name, pid in pids.items()
-            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        ]
-        assert not alive, f"still running after deploy/down.sh: {alive}"
 
 
 def _prefect(api_url: str, auth_string: str | None):

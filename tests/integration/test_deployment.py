@@ -13,68 +13,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import socket
 import subprocess
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
+
+from integration.stack import local_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("prefect-server", "mlflow-server", "worker")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
     """deploy/up.sh in a scratch data root and PREFECT_HOME on free ports; deploy/down.sh after."""
-    scratch = tmp_path_factory.mktemp("services")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        # never talk to a server this machine happens to point at
-        if k
-        not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "DMTP_SERVICES_DIR", "PREFECT_PROFILE")
-    }
-    env.update(
-        DMTP_DATA_ROOT=str(scratch / "runs"),
-        PREFECT_HOME=str(scratch / "prefect"),
-        PREFECT_PORT=str(_free_port()),
-        MLFLOW_PORT=str(_free_port()),
-        PREFECT_WORKER_QUERY_SECONDS="1",  # pick a scheduled run up within a second, not ten
-        DMTP_RETRY_DELAY_SECONDS="1",
-    )
-    services_dir = scratch / "runs" / "services"
-    pids: dict[str, int] = {}
-    try:
-        subprocess.run(
-            [str(REPO_ROOT / "deploy" / "up.sh")], env=env, check=True, timeout=300, cwd=REPO_ROOT
-        )
-        pids = {name: int((services_dir / f"{name}.pid").read_text()) for name in SERVICES}
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
-        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{env['MLFLOW_PORT']}"
+    with local_stack(tmp_path_factory.mktemp("services")) as env:
         yield env
-    finally:
-        subprocess.run([str(REPO_ROOT / "deploy" / "down.sh")], env=env, timeout=120, cwd=REPO_ROOT)
-        from tasks.launch import kill_trees
-
-        kill_trees(pids.values(), grace_s=5)  # only if down.sh failed: never leave them behind
-        alive = [
-            name
-            for name, pid in pids.items()
-            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        ]
-        assert not alive, f"still running after deploy/down.sh: {alive}"
 
 
 def _run_deployment(env: dict[str, str], parameters: dict) -> str:

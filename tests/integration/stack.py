@@ -1,0 +1,65 @@
+"""The local orchestration stack for integration tests: deploy/up.sh on free ports, down.sh after."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("prefect-server", "mlflow-server", "worker")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_stack(scratch: Path, **settings: str) -> Iterator[dict[str, str]]:
+    """Prefect server, MLflow server and one worker in a scratch data root and PREFECT_HOME;
+    yields the environment that talks to them (`settings` go to up.sh, e.g. credentials)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # never talk to a server this machine happens to point at
+        if k
+        not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "DMTP_SERVICES_DIR", "PREFECT_PROFILE")
+    }
+    env.update(
+        DMTP_DATA_ROOT=str(scratch / "runs"),
+        PREFECT_HOME=str(scratch / "prefect"),
+        PREFECT_PORT=str(free_port()),
+        MLFLOW_PORT=str(free_port()),
+        PREFECT_WORKER_QUERY_SECONDS="1",  # pick a scheduled run up within a second, not ten
+        DMTP_RETRY_DELAY_SECONDS="1",
+        **settings,
+    )
+    env["PATH"] = f"{REPO_ROOT / '.venv' / 'bin'}:{env['PATH']}"
+    services_dir = scratch / "runs" / "services"
+    pids: dict[str, int] = {}
+    try:
+        subprocess.run(
+            [str(REPO_ROOT / "deploy" / "up.sh")], env=env, check=True, timeout=300, cwd=REPO_ROOT
+        )
+        pids = {name: int((services_dir / f"{name}.pid").read_text()) for name in SERVICES}
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{env['MLFLOW_PORT']}"
+        yield env
+    finally:
+        subprocess.run([str(REPO_ROOT / "deploy" / "down.sh")], env=env, timeout=120, cwd=REPO_ROOT)
+        from tasks.launch import kill_trees
+
+        kill_trees(pids.values(), grace_s=5)  # only if down.sh failed: never leave them behind
+        alive = [
+            name
+            for name, pid in pids.items()
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        ]
+        assert not alive, f"still running after deploy/down.sh: {alive}"
