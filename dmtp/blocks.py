@@ -215,3 +215,26 @@ class AnchoredBlocks(IterableDataset):
                 )
                 items.append(self.read_segment(segment, rng))
             yield self.collate(items)
+
+
+def one_step_drafts(
+    model: Any, head: Any, batch: dict[str, torch.Tensor], mask_token_id: int
+) -> torch.Tensor:
+    """`[B, A, L-1]` the head's greedy one-step drafts for a batch's blocks, as at inference
+    (DESIGN §5): position 0 the known token, the rest masked, every draft position filled at once.
+
+    model: the head or its training wrapper (runs the forward); head: the bare `MTPHeadModel`.
+    """
+    labels = batch["labels"]
+    blocks = torch.full_like(labels, mask_token_id)
+    blocks[..., 0] = labels[..., 0].clamp(min=0)
+    states = model(
+        in_hidden_states=batch["context_features"],
+        input_ids=blocks,
+        anchors=batch["anchors"],
+        context_mask=batch["context_mask"],
+        with_logits=False,
+    ).hidden_states
+    predicted = head.draft_logits(states[..., 1:, :]).argmax(-1)
+    ids = head.draft_token_ids(predicted.device)
+    return predicted if ids is None else ids[predicted]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dmtp.blocks import one_step_drafts
 from dmtp.data import IGNORE_INDEX
 
 REPLAY_DRAFTERS = ("head", "prompt_lookup", "lookup_head")
@@ -85,19 +86,7 @@ def head_acceptance(head: Any, blocks: Any, item: dict[str, np.ndarray]) -> np.n
         chunk = {**item, "anchors": item["anchors"][start : start + ANCHORS_PER_FORWARD]}
         chunk["labels"] = item["labels"][start : start + ANCHORS_PER_FORWARD]
         batch = blocks.collate([chunk])
-        block = torch.full_like(batch["labels"], head.config.mask_token_id)
-        block[..., 0] = batch["labels"][..., 0].clamp(min=0)
-        states = head(
-            in_hidden_states=batch["context_features"],
-            input_ids=block,
-            anchors=batch["anchors"],
-            context_mask=batch["context_mask"],
-            with_logits=False,
-        ).hidden_states[0]
-        predicted = head.draft_logits(states[:, 1:]).argmax(-1)
-        ids = head.draft_token_ids(predicted.device)
-        if ids is not None:
-            predicted = ids[predicted]
+        predicted = one_step_drafts(head, head, batch, head.config.mask_token_id)[0]
         truth = batch["labels"][0, :, 1:]
         correct = (predicted == truth) & (truth != IGNORE_INDEX)
         accepted.append(torch.cumprod(correct.long(), dim=1).sum(dim=1))
@@ -111,7 +100,7 @@ def replay_store(
     block_length: int | None = None,
     split: int | None = None,
     max_new_tokens: int | None = None,
-    prompt_lookup_max_ngram: int = 3,
+    prompt_lookup_max_ngram: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """τ and acceptance by position of the head, prompt lookup and lookup_head on every answer of
     a greedily collected `store` (a path or a `StoreIndex`), as greedy speculative decoding would
@@ -150,7 +139,11 @@ def replay_store(
     )
     names = ["prompt_lookup"] if head is None else list(REPLAY_DRAFTERS)
     figures = {name: ReplayFigures(block_length) for name in names}
-    lookup = PromptLookupDrafter(max_ngram=prompt_lookup_max_ngram)
+    lookup = (
+        PromptLookupDrafter()
+        if prompt_lookup_max_ngram is None
+        else PromptLookupDrafter(max_ngram=prompt_lookup_max_ngram)
+    )
     collected_limit = index_max_new_tokens(index)
     if head is not None:
         head.eval()

@@ -384,24 +384,13 @@ def draft_counts(
     and `tau_sum`, `tau_count` over full blocks, where a block's τ is 1 + the number of leading
     correct drafts at positions 1..L-1 (the bonus token counts, as in EAGLE / Spec-Bench).
     """
-    labels = batch["labels"]
-    blocks = torch.full_like(labels, mask_token_id)
-    blocks[..., 0] = labels[..., 0].clamp(min=0)
-    states = model(
-        in_hidden_states=batch["context_features"],
-        input_ids=blocks,
-        anchors=batch["anchors"],
-        context_mask=batch["context_mask"],
-        with_logits=False,
-    ).hidden_states
-    labels, states = labels.flatten(0, 1), states.flatten(0, 1)
+    from dmtp.blocks import one_step_drafts
+
+    predicted = one_step_drafts(model, head, batch, mask_token_id).flatten(0, 1)
+    labels = batch["labels"].flatten(0, 1)
     real = labels[:, 0] != -100
-    labels, states = labels[real], states[real]
+    labels, predicted = labels[real], predicted[real]
     valid = labels != -100
-    ids = head.draft_token_ids(states.device)
-    predicted = head.draft_logits(states[:, 1:]).argmax(-1)
-    if ids is not None:
-        predicted = ids[predicted]
     correct = torch.cat([valid[:, :1], (predicted == labels[:, 1:]) & valid[:, 1:]], dim=1)
     full = valid.all(dim=1)
     leading = torch.cumprod(correct[:, 1:].long(), dim=1).sum(dim=1)
