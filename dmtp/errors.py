@@ -17,3 +17,17 @@ class InputDataError(DmtpError):
 
 class ModelLoadError(DmtpError):
     """A base model or head cannot be found, fetched or loaded."""
+
+
+class Preempted(DmtpError):
+    """SIGTERM arrived (spot reclaim, Kubernetes eviction, a cancelled flow run): the work done so
+    far is saved (a checkpoint, a committed batch) and a rerun with --resume goes on from there."""
+
+    # EX_TEMPFAIL from sysexits.h: distinct from a bad input (2) and from a crash, so a task can
+    # tell "retry me" from "fix me".
+    exit_code = 75
+
+
+class DiskFull(DmtpError):
+    """A write failed for lack of space (ENOSPC/EDQUOT). Nothing half-written is marked complete;
+    free space and rerun with --resume."""
