@@ -45,9 +45,8 @@ from dmtp.store import (
     count_samples,
 )
 
-MAX_FINDINGS_PER_KIND = (
-    20  # per (shard, array, check): a store of junk should not make a 1 GB report
-)
+# per (shard, array, check): a store of junk should not make a 1 GB report
+MAX_FINDINGS_PER_KIND = 20
 EMPTY = 2**64 - 1  # a shard-index entry for a chunk that was never written
 
 

@@ -30,9 +30,8 @@ from typing import Any
 import psutil
 
 TAIL_LINES = 40  # lines of a failed stage's output kept for its error message
-PROGRESS_LOG_EVERY_S = (
-    30.0  # progress-bar redraws ('\r' lines) reach the run log at most this often
-)
+# progress-bar redraws ('\r' lines) reach the run log at most this often
+PROGRESS_LOG_EVERY_S = 30.0
 KILL_GRACE_S = 10.0  # between SIGTERM and SIGKILL: torchrun uses it to stop its workers
 USER_ERROR_EXIT_CODE = 2  # dmtp.errors.DmtpError.exit_code: bad input, retrying cannot help
 FAIL_ONCE_ENV = "DMTP_FAIL_ONCE"
