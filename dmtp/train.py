@@ -46,9 +46,8 @@ LOG_FILE = "train_log.jsonl"
 # Fault injection for the resume test: SIGKILL this process right after optimizer step N
 # (after any checkpoint at N is written), as an OOM killer or a lost node would.
 KILL_AT_STEP_ENV = "DMTP_TEST_KILL_AT_STEP"
-EVAL_NOISE_STEP = (
-    2**62
-)  # validation noise: a stream no training step uses, the same at every evaluation
+# validation noise: a stream no training step uses, the same at every evaluation
+EVAL_NOISE_STEP = 2**62
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,6 +573,7 @@ class Trainer:
         self.total_steps = config.max_steps or math.ceil(
             config.num_train_epochs * self.steps_per_epoch
         )
+        # foreach=False: the same per-tensor update on CPU and CUDA, without foreach's peak memory
         optimizer = torch.optim.AdamW(
             parameter_groups(model, config.weight_decay), lr=config.learning_rate, foreach=False
         )
