@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset
 
 from dmtp.data import EXCLUDED, IGNORE_INDEX, StoreIndex
 from dmtp.errors import StoreError
-from dmtp.store import open_store
+from dmtp.store import FINAL_LAYER, open_store
 
 
 def chain_labels(
@@ -83,6 +83,7 @@ class AnchoredBlocks(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         require_draft_label: bool = True,
+        teacher_states: bool = False,
     ):
         self.index = index
         self.feature_layers = list(feature_layers)
@@ -93,6 +94,8 @@ class AnchoredBlocks(IterableDataset):
         self.rank, self.world_size = rank, world_size
         # decode objectives need t_{l+1}; the seed's also learns from blocks with t_l alone
         self.require_draft_label = require_draft_label
+        # the base model's final state at each label's row: its distribution over that token
+        self.teacher_states = teacher_states
         self.epoch = 0
         self.segments = self._segments(split, max_sequence_rows)
         self._shards: dict[int, Any] = {}
@@ -182,7 +185,13 @@ class AnchoredBlocks(IterableDataset):
             else:
                 pick = np.sort(rng.choice(len(anchors), self.anchors_per_sequence, replace=False))
             anchors = anchors[pick]
-        return {"features": features, "anchors": anchors, "labels": labels[anchors]}
+        item = {"features": features, "anchors": anchors, "labels": labels[anchors]}
+        if self.teacher_states:
+            # label j of the block at row l is the base model's output at row l + j
+            final = shard.read_features(segment.start, label_stop, [FINAL_LAYER])[:, 0]
+            rows_of = np.minimum(anchors[:, None] + np.arange(self.block_length), end - 1)
+            item["label_states"] = final[rows_of]
+        return item
 
     def collate(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         batch = len(items)
@@ -196,12 +205,19 @@ class AnchoredBlocks(IterableDataset):
             n, a = len(item["features"]), len(item["anchors"])
             features[i, :n], context_mask[i, :n] = item["features"], True
             anchors[i, :a], labels[i, :a] = item["anchors"], item["labels"]
-        return {
+        out = {
             "context_features": torch.from_numpy(features),
             "context_mask": torch.from_numpy(context_mask),
             "anchors": torch.from_numpy(anchors),
             "labels": torch.from_numpy(labels),
         }
+        if self.teacher_states:
+            hidden = items[0]["features"].shape[-1]
+            states = np.zeros((batch, n_anchors, self.block_length, hidden), dtype=np.float32)
+            for i, item in enumerate(items):
+                states[i, : len(item["anchors"])] = item["label_states"]
+            out["label_states"] = torch.from_numpy(states)
+        return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         segments = self._rank_segments()

@@ -136,11 +136,10 @@ class StoreLayout:
         "flushes, so a crash loses at most this many uncommitted rows",
         ge=1,
     )
-    compressor: str = option(
+    compressor: Literal["none", "zstd"] = option(
         "none",
         "codec for hidden states: fp16/bf16 activations compress ~1.09x with zstd, not worth its "
         "CPU time (tests/benchmarks/bench_collect.py measures it)",
-        choices=["none", "zstd"],
     )
 
     def __post_init__(self) -> None:
@@ -192,12 +191,11 @@ class CollectConfig:
         "in bf16, ~75 at 8 in fp32 (DESIGN §7)",
         ge=1,
     )
-    dtype: str = option(
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
         "auto",
         "model dtype: auto (bfloat16 on cuda and on CPUs with native bfloat16 (avx512_bf16 or "
         "amx_bf16), where it measures ~2x faster; float32 on other CPUs), bfloat16, float16, "
         "float32",
-        choices=["auto", "bfloat16", "float16", "float32"],
     )
     feature_layers: str = option(
         "auto",
@@ -333,11 +331,10 @@ class EvalConfig:
         "(1 = all at once)",
         ge=1,
     )
-    first_position: str = option(
+    first_position: Literal["clean", "masked"] = option(
         "clean",
         "position 0 of the drafted block: `clean` = the base model's bonus token, known at draft "
         "time; `masked` = the fully-masked variant (the head guesses it too)",
-        choices=["clean", "masked"],
     )
     prompt_lookup: bool = option(True, "also run the prompt-lookup (n-gram) baseline")
     prompt_lookup_max_ngram: int = option(3, "longest suffix n-gram prompt lookup matches", ge=1)
@@ -351,10 +348,9 @@ class EvalConfig:
         "with a head and prompt lookup, also run both as one drafter: lookup where it matches, the head elsewhere",
     )
     device: str = option("auto", "cuda, cuda:N, cpu, or auto (cuda when available)")
-    dtype: str = option(
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
         "auto",
         "base model dtype: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32",
-        choices=["auto", "bfloat16", "float16", "float32"],
     )
     warmup_tokens: int = option(
         16,
@@ -442,10 +438,9 @@ class DataConfig:
         "counted as at collection); for quick tests",
         ge=1,
     )
-    loss_on: str = option(
+    loss_on: Literal["response", "prompt", "all"] = option(
         "response",
         "positions that become examples: response (tokens[l] generated), prompt, or all",
-        choices=["response", "prompt", "all"],
     )
     shuffle_chunks: int = option(
         16,
@@ -569,36 +564,39 @@ class TrainConfig:
     )
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", ge=0)
     warmup_steps: int = option(0, "linear warm-up steps", ge=0, aliases=["warmup_step"])
-    lr_scheduler_type: str = option(
-        "linear", "learning-rate schedule after warm-up", choices=["linear", "cosine", "constant"]
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = option(
+        "linear", "learning-rate schedule after warm-up"
     )
-    scheduler_type: str = option(
-        "linear", "noise schedule α(t) (DESIGN §4)", choices=["linear", "kappa", "cosine"]
+    scheduler_type: Literal["linear", "kappa", "cosine"] = option(
+        "linear", "noise schedule α(t) (DESIGN §4)"
     )
     kappa: float = option(2.0, "κ of the kappa schedule α(t) = 1 - t^κ", gt=0)
-    loss_weight_type: str = option(
-        "scheduler", "w(t): the schedule's ELBO weight, or ones", choices=["scheduler", "ones"]
+    loss_weight_type: Literal["scheduler", "ones"] = option(
+        "scheduler", "w(t): the schedule's ELBO weight, or ones"
     )
     time_epsilon: float = option(1e-3, "t is drawn from U[time_epsilon, 1)", ge=0, lt=1)
-    objective: str = option(
+    objective: Literal["decode", "decode_all", "seed"] = option(
         "decode_all",
         "decode_all: position 0 clean and out of the loss, 1..L-1 all masked (one-step drafting, "
         "measured best: README); decode: 1..L-1 masked by the schedule (for K > 1 steps); "
         "seed: the guide's literal objective",
-        choices=["decode", "decode_all", "seed"],
     )
     position_decay: float = option(
         0.0, "weight draft position k by exp(-(k-1)/γ) (DFlash); 0: equal weights", ge=0
     )
+    distill_weight: float = option(
+        0.0,
+        "weight of the base model's own distribution (soft targets from the stored final states, "
+        "over the draft vocabulary) against its greedy token in the loss; 0: the token alone",
+        ge=0,
+        le=1,
+    )
     seed: int = option(42, "seed of initialisation, shuffling and masking (every rank alike)")
-    mixed_precision: str = option(
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
         "auto",
         "auto (bf16 on CUDA, off on CPU), no, bf16, fp16",
-        choices=["auto", "no", "bf16", "fp16"],
     )
-    device: str = option(
-        "auto", "auto (CUDA when present), cpu, cuda", choices=["auto", "cpu", "cuda"]
-    )
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto (CUDA when present), cpu, cuda")
     deepspeed: str | None = option(
         None, "DeepSpeed JSON config (deploy/deepspeed/zero2.json, zero3.json)"
     )
@@ -626,9 +624,7 @@ class TrainConfig:
         "sqlite:///<output_dir's parent>/mlflow.db",
     )
     experiment_name: str = option("dmtp", "MLflow experiment")
-    report_to: str = option(
-        "mlflow", "where metrics go: mlflow, or none", choices=["mlflow", "none"]
-    )
+    report_to: Literal["mlflow", "none"] = option("mlflow", "where metrics go: mlflow, or none")
     run_name: str | None = option(None, "MLflow run name (default: output_dir's name)")
     mlflow_log_checkpoints: bool = option(
         False,
@@ -699,11 +695,10 @@ class ImportPtConfig:
         "(windows of one sample_id must agree on their overlap, which is stored once)",
         ge=1,
     )
-    generated: str = option(
+    generated: Literal["infer", "all", "none"] = option(
         "infer",
         "which rows are generated (the .pt format does not say): infer = the longest tail where "
         "input_ids[l+1] == tokens[l], as greedy generation makes it; all; none",
-        choices=["infer", "all", "none"],
     )
     overwrite: bool = option(False, "replace an existing store at the output path")
     layout: StoreLayout = field(default_factory=StoreLayout, metadata={"help": "store chunking"})
@@ -739,10 +734,9 @@ class ExportConfig:
     output_dir: str | None = option(
         None, "folder to write (config.json, model.safetensors, README.md)"
     )
-    dtype: str = option(
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
         "auto",
         "dtype of the exported weights: auto (as the head was saved), bfloat16, float16, float32",
-        choices=["auto", "bfloat16", "float16", "float32"],
     )
     evaluation: str | None = option(
         None,

@@ -102,11 +102,17 @@ def block_loss(
     *,
     objective: str,
     position_decay: float = 0.0,
+    teacher_states: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
 ) -> torch.Tensor:
     """The objective's loss (scalar). states [N, L, H] from the head, labels/masked [N, L], weights [N].
 
     Logits are computed only at the positions in the loss (never position 0 under `decode*`): the
     base LM head is most of a small head's FLOPs.
+
+    With `teacher_states` [N, L, H] (the base model's final state at each label's row) and
+    `distill_weight` α > 0, a position costs (1 − α)·CE(token) + α·CE(p_base, q_head): the base
+    model's whole distribution over the draft vocabulary says more per stored token than its argmax.
     """
     labels = head.to_draft_labels(labels)  # tokens outside the draft vocabulary drop out
     valid = labels != IGNORE_INDEX
@@ -118,6 +124,11 @@ def block_loss(
         return states.sum() * 0.0  # nothing masked in this batch: a zero that keeps the graph
     logits = head.draft_logits(states[rows])
     token_loss = F.cross_entropy(logits.float(), labels[rows], reduction="none")
+    if teacher_states is not None and distill_weight > 0:
+        with torch.no_grad():
+            teacher = head.draft_logits(teacher_states[rows].to(states.dtype)).float()
+        soft = -(teacher.softmax(-1) * logits.float().log_softmax(-1)).sum(-1)
+        token_loss = (1.0 - distill_weight) * token_loss + distill_weight * soft
     weighted = (token_loss * token_weight[rows]).sum()
     if objective == "seed":
         return weighted / valid.sum().clamp(min=1)

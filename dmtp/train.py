@@ -338,6 +338,7 @@ def diffusion_loss(
     objective: str,
     position_decay: float,
     generator: torch.Generator,
+    distill_weight: float = 0.0,
 ) -> torch.Tensor:
     """Mask the batch's blocks at random times and return the objective's loss (scalar).
 
@@ -365,6 +366,8 @@ def diffusion_loss(
         weights,
         objective=objective,
         position_decay=position_decay,
+        teacher_states=batch["label_states"].flatten(0, 1) if "label_states" in batch else None,
+        distill_weight=distill_weight,
     )
 
 
@@ -506,6 +509,7 @@ def make_dataloaders(
             rank=rank,
             world_size=world_size,
             require_draft_label=config.objective != "seed",
+            teacher_states=config.distill_weight > 0,
         )
         # The dataset yields whole batches; one worker prefetches the next while this one trains.
         workers = min(config.dataloader_num_workers, 1)
@@ -739,6 +743,7 @@ class Trainer:
             objective=config.objective,
             position_decay=config.position_decay,
             generator=generator,
+            distill_weight=config.distill_weight,
         )
 
     @torch.no_grad()

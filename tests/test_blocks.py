@@ -275,3 +275,26 @@ def test_feature_layers_are_read_in_the_requested_order(tmp_path):
         n = len(final)
         got = batch["context_features"][i, :n].numpy()
         assert np.array_equal(got[:, 0], final) and np.array_equal(got[:, 1], layer_states[:, 0])
+
+
+def test_teacher_states_are_the_final_states_at_each_labels_row(store_path):
+    """label_states[i, a, j] is the stored final state of the row whose output is label j: the
+    base model's distribution over that label comes from it (--distill_weight)."""
+    sequences = _sequences(store_path)
+    blocks = _blocks(store_path, teacher_states=True)
+    checked = 0
+    for batch in blocks:
+        for i in range(len(batch["anchors"])):
+            s, _ = _locate(batch["context_features"][i, 0].numpy(), sequences)
+            final = sequences[s]["features"][:, 0]
+            for a, row in enumerate(batch["anchors"][i].tolist()):
+                if row < 0:
+                    assert not batch["label_states"][i, a].any()
+                    continue
+                for j in range(BLOCK):
+                    if batch["labels"][i, a, j] != IGNORE_INDEX:
+                        assert np.array_equal(
+                            batch["label_states"][i, a, j].numpy(), final[row + j]
+                        )
+                        checked += 1
+    assert checked > 100

@@ -325,3 +325,50 @@ def test_bad_settings_are_user_errors():
         sample_masking(labels, get_schedule("linear"), 0.0, objective="greedy")
     with pytest.raises(DmtpError, match="loss_weight_type"):
         loss_weights(get_schedule("linear"), torch.ones(2), "uniform")
+
+
+# ----------------------------------------------------------------------------------------------
+# distillation from the base model's distribution
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_distilled_loss_mixes_the_token_and_the_base_distribution_by_hand(alpha):
+    """A counted position costs (1 − α)·CE(token) + α·Σ_v p_base(v)·(−log q(v)); p_base is the
+    softmax of the base LM head on the stored final state (here: the states are the logits)."""
+    teacher = torch.tensor(
+        [
+            [[0.0, 0.0, 0.0], [1.0, -1.0, 3.0], [0.0, 2.0, 0.0]],
+            [[0.0, 0.0, 0.0], [-1.0, 0.0, 4.0], [9.0, 9.0, 9.0]],
+        ]
+    )
+    masked = torch.tensor([[False, True, True], [False, True, True]])
+    loss = block_loss(
+        LogitsAreStates(), torch.tensor(LOGITS), torch.tensor(LABELS), masked, torch.ones(2),
+        objective="decode_all", teacher_states=teacher, distill_weight=alpha,
+    )  # fmt: skip
+
+    def soft(student: list[float], base: list[float]) -> float:
+        z = sum(math.exp(v) for v in base)
+        return sum(math.exp(b) / z * _nll(student, v) for v, b in enumerate(base))
+
+    counted = [(0, 1), (0, 2), (1, 1)]  # (1, 2) is past the sequence end
+    terms = [
+        (1 - alpha) * _nll(LOGITS[n][k], LABELS[n][k]) + alpha * soft(LOGITS[n][k], teacher[n][k].tolist())
+        for n, k in counted
+    ]  # fmt: skip
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
+
+
+def test_the_distilled_loss_is_smallest_where_the_head_matches_the_base_distribution():
+    """Gradient of the soft term vanishes at q = p_base: the head learns the distribution, not
+    only its argmax."""
+    base = torch.tensor([[[0.0, 0.0, 0.0], [0.3, 1.2, -0.5], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[0, 1, IGNORE_INDEX]])
+    masked = torch.tensor([[False, True, False]])
+    student = base.clone().requires_grad_(True)
+    loss = block_loss(
+        LogitsAreStates(), student, labels, masked, torch.ones(1), objective="decode_all",
+        teacher_states=base, distill_weight=1.0,
+    )  # fmt: skip
+    loss.backward()
+    assert student.grad.abs().max().item() < 1e-6
