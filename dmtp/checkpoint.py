@@ -5,12 +5,15 @@
       optimizer.safetensors, .json        the optimizer state: tensors + a JSON skeleton
                                           (`optimizer_rank<r>.*` per rank under DeepSpeed ZeRO)
       rng_state_<rank>.safetensors, .json torch/CUDA/NumPy/Python RNG of each rank
-      trainer_state.json                  step, data position, LR-scheduler scalars, MLflow run;
-                                          written last: a folder without it is not a checkpoint
+      trainer_state.json                  step, data position, LR-scheduler scalars, MLflow run,
+                                          each other file's size and sha256; written last: a
+                                          folder without it is not a checkpoint
     <output_dir>/final/                   the final head (config.json, model.safetensors)
 
-A checkpoint is written under a temporary name and renamed when complete, so a killed run leaves
-either a whole checkpoint or none. The head borrows the base model's embedding and LM head, so
+A checkpoint is written under a temporary name and renamed when complete, so a killed run or a
+full disk leaves either a whole checkpoint or none. A file damaged later (a truncated copy, a
+flipped bit) fails its recorded size or sha256, and `--resume_from_checkpoint auto` falls back to
+the newest checkpoint that passes, naming the one it skipped. The head borrows the base model's embedding and LM head, so
 `model.safetensors` and the optimizer state hold only trained tensors.
 
 `dmtp.train.Trainer` decides when to save and keeps ranks in step; this module only reads and
@@ -19,17 +22,21 @@ writes the files.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import importlib
 import json
 import random
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dmtp.errors import DmtpError
+from dmtp.errors import DiskFull, DmtpError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_DIRNAME = "final"
@@ -192,12 +199,81 @@ def staging_dir(output_dir: Path, step: int) -> tuple[Path, Path]:
     return output_dir / f".{final.name}.tmp", final
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def commit_checkpoint(tmp: Path, final: Path, state: dict[str, Any]) -> Path:
-    """Write the state file last and rename the finished folder into place."""
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
+    """Record every file's size and sha256 in the state file, write it last and rename the
+    finished folder into place."""
+    files = {
+        path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in sorted(tmp.iterdir())
+        if path.is_file()
+    }
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=1, default=str))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from, or None: an unreadable state file, or a file missing,
+    of another size or another sha256 than the commit recorded. A checkpoint from before checksums
+    is checked by opening its safetensors files."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        files = read_state(folder).get("files")
+    except (OSError, ValueError) as error:
+        return f"{STATE_FILE} is unreadable ({error})"
+    if files is None:
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except (OSError, SafetensorError) as error:
+                return f"{path.name} does not open ({error})"
+        return None
+    for name, recorded in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != recorded["bytes"]:
+            return f"{name} has {size} bytes, {recorded['bytes']} were written (truncated?)"
+        if file_sha256(path) != recorded["sha256"]:
+            return f"{name} does not match its sha256 (damaged after it was written)"
+    return None
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT, raised as an OSError by Python or as a SafetensorError by safetensors."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return type(error).__name__ == "SafetensorError" and any(
+        f"(os error {code})" in text for code in (errno.ENOSPC, errno.EDQUOT)
+    )
+
+
+def disk_full(final: Path, needed_bytes: int, error: BaseException) -> DiskFull:
+    """The one-line error for a checkpoint that did not fit: where, how much it needs, how much is free."""
+    free = shutil.disk_usage(final.parent).free
+    return DiskFull(
+        f"no space left on the device of {final.parent} for {final.name} ({error}): a checkpoint "
+        f"needs about {needed_bytes / 1e6:.1f} MB, {free / 1e6:.1f} MB are free; nothing was "
+        "committed. Free space (or lower --save_total_limit) and rerun with "
+        "--resume_from_checkpoint auto"
+    )
 
 
 def read_state(folder: Path) -> dict[str, Any]:
@@ -227,18 +303,42 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
+def _warn(message: str) -> None:
+    print(f"dmtp train: warning: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_resume_path(
+    resume_from_checkpoint: str | None,
+    output_dir: str | Path,
+    warn: Callable[[str], None] | None = _warn,
+) -> Path | None:
     """The checkpoint `--resume_from_checkpoint` names: a folder, or `auto` for the newest one in
-    `output_dir` (None when there is none yet: start fresh)."""
+    `output_dir` that passes its checksums (None when there is none yet: start fresh). A damaged
+    newer checkpoint is skipped with a warning naming it and the one used instead."""
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint == "auto":
-        found = list_checkpoints(Path(output_dir))
-        return found[-1] if found else None
+        skipped: list[str] = []
+        for candidate in reversed(list_checkpoints(Path(output_dir))):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                if skipped and warn:
+                    warn(f"skipping {'; '.join(skipped)}; resuming from {candidate} instead")
+                return candidate
+            skipped.append(f"{candidate} ({problem})")
+        if skipped and warn:
+            warn(f"skipping {'; '.join(skipped)}; no loadable checkpoint left: starting at step 0")
+        return None
     path = Path(resume_from_checkpoint)
     if not (path / STATE_FILE).exists():
         raise DmtpError(
             f"--resume_from_checkpoint {path}: not a finished checkpoint (no {STATE_FILE}); "
             f"pass a {CHECKPOINT_PREFIX}<step> folder of --output_dir, or `auto`"
+        )
+    problem = checkpoint_problem(path)
+    if problem:
+        raise DmtpError(
+            f"--resume_from_checkpoint {path}: {problem}; pass an older {CHECKPOINT_PREFIX}<step> "
+            "folder, or `auto` to take the newest one that loads"
         )
     return path
