@@ -12,8 +12,12 @@ validate the store, all before any model is built; build or load the head; train
 `MTPHeadModel.from_pretrained` and `dmtp evaluate --head_path` load.
 
 Checkpoints are safetensors + JSON, never pickle (their files: dmtp.checkpoint; MLflow:
-dmtp.tracking). Masking noise is drawn from a generator seeded by (seed, rank, step), so a resumed
-run sees the same masks as an uninterrupted one.
+dmtp.tracking). SIGTERM (a spot reclaim, a Kubernetes eviction; torchrun passes its own on) stops
+training after the current step with a checkpoint and exit code 75 (dmtp.errors.Preempted), which
+a scheduler retries with `--resume_from_checkpoint auto`. A checkpoint that hits a full disk is
+removed and training stops with one line (dmtp.errors.DiskFull). Masking noise is drawn from a
+generator seeded by (seed, rank, step), so a resumed run sees the same masks as an uninterrupted
+one.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,13 +44,15 @@ import torch
 from dmtp import checkpoint
 from dmtp.checkpoint import FINAL_DIRNAME
 from dmtp.config import TrainConfig, resolve_store_path, to_dict
-from dmtp.errors import DmtpError, StoreError
+from dmtp.errors import DmtpError, Preempted, StoreError
 from dmtp.tracking import Tracker, flatten_params, registered_model_name
 
 LOG_FILE = "train_log.jsonl"
 # Fault injection for the resume test: SIGKILL this process right after optimizer step N
 # (after any checkpoint at N is written), as an OOM killer or a lost node would.
 KILL_AT_STEP_ENV = "DMTP_TEST_KILL_AT_STEP"
+# The MLflow run of a training killed before its first checkpoint, continued by a resume.
+RUN_ID_FILE = "mlflow_run_id"
 # validation noise: a stream no training step uses, the same at every evaluation
 EVAL_NOISE_STEP = 2**62
 
@@ -514,12 +521,41 @@ def make_dataloaders(
         # The dataset yields whole batches; one worker prefetches the next while this one trains.
         workers = min(config.dataloader_num_workers, 1)
         return DataLoader(
-            blocks, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available()
+            blocks,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_sigterm if workers else None,
         )
 
     train_batch = config.per_device_train_batch_size
     val_batch = config.per_device_eval_batch_size or train_batch
     return loader(TRAIN, train_batch, True), loader(VAL, val_batch, False)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    # A SIGTERM sent to the whole process tree would kill the loader first, and torch raises its
+    # death in the trainer wherever it is, checkpoint writing included; the trainer decides when
+    # to stop, and the loader goes when it does.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(trainer: Trainer) -> Iterator[None]:
+    """While training, SIGTERM asks `trainer` to stop after its current step (checkpoint, exit
+    75) instead of killing it mid-step with nothing saved."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers live in the main thread only
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        trainer.stop_signal = signum
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -552,6 +588,8 @@ class Trainer:
         self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
         self.losses: dict[int, float] = {}
         self.last_eval: dict[str, float] = {}
+        self.stop_signal: int | None = None  # set by SIGTERM (stop_on_sigterm)
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -596,12 +634,14 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if state is not None:
             self._load_training_state(resume_from, state)
-        run_id = state.get("mlflow_run_id") if state else None
+        run_id = state.get("mlflow_run_id") if state else self._unfinished_run_id()
         self.tracker.start(
             config, run_id, self._params(), self._tags(resume_from), self.plan.store_path
         )
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            if self.tracker.run_id:
+                (self.output_dir / RUN_ID_FILE).write_text(self.tracker.run_id)
             total, trainable = self.parameter_counts
             where = (
                 f"resuming from {resume_from} at step {self.step}" if resume_from else "starting"
@@ -615,6 +655,14 @@ class Trainer:
                 file=sys.stderr,
                 flush=True,
             )
+
+    def _unfinished_run_id(self) -> str | None:
+        """The MLflow run of a training killed before it wrote a checkpoint, when resuming: one
+        run per training, whenever it was killed."""
+        path = self.output_dir / RUN_ID_FILE
+        if self.config.resume_from_checkpoint and self.is_main and path.is_file():
+            return path.read_text().strip() or None
+        return None
 
     def _params(self) -> dict[str, Any]:
         resolved = {
@@ -863,6 +911,14 @@ class Trainer:
                 self._log(self.evaluate())
             if is_save:
                 self.save_checkpoint()
+            if self._stop_requested():
+                if self.saved_step != self.step:
+                    self.save_checkpoint()
+                raise Preempted(
+                    f"SIGTERM at step {self.step}/{self.total_steps}: saved "
+                    f"{self.output_dir / f'{checkpoint.CHECKPOINT_PREFIX}{self.step}'}; rerun "
+                    "with --resume_from_checkpoint auto to go on from there"
+                )
             if os.environ.get(KILL_AT_STEP_ENV) == str(self.step):
                 os.kill(os.getpid(), signal.SIGKILL)
         if progress is not None:
@@ -876,6 +932,16 @@ class Trainer:
             self.losses,
             self.last_eval,
         )
+
+    def _stop_requested(self) -> bool:
+        """Whether SIGTERM reached any rank. It reaches ranks at different moments, and all must
+        save the same step, so they agree every step (one tiny all-reduce under DDP)."""
+        if self.world_size == 1:
+            return self.stop_signal is not None
+        flag = torch.tensor(
+            [0.0 if self.stop_signal is None else 1.0], device=self.accelerator.device
+        )
+        return self.accelerator.reduce(flag, "sum").item() > 0
 
     def _log(self, metrics: dict[str, float]) -> None:
         if not self.is_main or not metrics:
@@ -898,8 +964,28 @@ class Trainer:
             model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
 
     def save_checkpoint(self) -> Path:
-        """`<output_dir>/checkpoint-<step>/`, written under a temporary name and renamed when complete."""
+        """`<output_dir>/checkpoint-<step>/`, written under a temporary name and renamed when
+        complete. A full disk removes the partial folder and raises DiskFull (on the rank that hit
+        it; torchrun then stops the others)."""
         tmp, final = checkpoint.staging_dir(self.output_dir, self.step)
+        previous = checkpoint.list_checkpoints(self.output_dir) if self.is_main else []
+        try:
+            self._write_checkpoint(tmp, final)
+        except Exception as error:
+            if not checkpoint.is_disk_full(error):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            # the last checkpoint's size, else fp32 weights + two AdamW moments
+            needed = (
+                checkpoint.checkpoint_bytes(previous[-1])
+                if previous
+                else 12 * self.parameter_counts[1]
+            )
+            raise checkpoint.disk_full(final, needed, error) from error
+        self.saved_step = self.step
+        return final
+
+    def _write_checkpoint(self, tmp: Path, final: Path) -> None:
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -930,7 +1016,6 @@ class Trainer:
             if self.config.mlflow_log_checkpoints:
                 self.tracker.log_artifacts(final, f"checkpoints/{final.name}")
         self.accelerator.wait_for_everyone()
-        return final
 
     def _load_training_state(self, folder: Path, state: dict[str, Any]) -> None:
         if state["world_size"] != self.world_size:
@@ -963,7 +1048,14 @@ class Trainer:
         if self.is_main:
             shutil.rmtree(final_dir, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self._save_model(final_dir)
+        try:
+            self._save_model(final_dir)
+        except Exception as error:
+            if not checkpoint.is_disk_full(error):
+                raise
+            # no half-written head that looks finished (the checkpoints stay: resume from them)
+            shutil.rmtree(final_dir, ignore_errors=True)
+            raise checkpoint.disk_full(final_dir, 4 * self.parameter_counts[1], error) from error
         if self.is_main:
             # Only the final head is uploaded (checkpoints with --mlflow_log_checkpoints).
             model = self.tracker.log_head(
@@ -1016,10 +1108,12 @@ def train(config: TrainConfig) -> TrainResult:
         set_seed(config.seed)
         trainer = Trainer(config, plan, accelerator)
         try:
-            trainer.setup(resume_from)
-            result = trainer.fit()
-        except BaseException:
-            trainer.tracker.finish(status="FAILED")  # also hands back MLflow's global URI
+            with stop_on_sigterm(trainer):
+                trainer.setup(resume_from)
+                result = trainer.fit()
+        except BaseException as error:
+            # also hands back MLflow's global URI; a preempted run is continued by its resume
+            trainer.tracker.finish(status="KILLED" if isinstance(error, Preempted) else "FAILED")
             raise
     finally:
         accelerator.end_training()

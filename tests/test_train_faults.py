@@ -1,0 +1,266 @@
+"""`dmtp train` under the faults of real clusters (issue 12), each injected for real where this
+machine allows: SIGTERM sent to a running training at a random step, ENOSPC raised at a random
+checkpoint write, the newest checkpoint truncated or flipped on disk. Every case ends with the
+resumed run's loss curve equal to an uninterrupted run's, step for step."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmtp import checkpoint
+from dmtp.cli import run_command
+from dmtp.config import TrainConfig
+from dmtp.errors import DiskFull, Preempted
+from dmtp.synthetic import write_synthetic_store
+from dmtp.train import LOG_FILE, train
+
+HIDDEN, VOCAB = 32, 16
+STEPS = 16  # 7 steps per epoch on the tiny store: a resume crosses epoch boundaries
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two threads on a shared 2-core box spin-wait each other (see test_train.py)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("store") / "data"
+    write_synthetic_store(path, sequence_lengths=[24] * 8, hidden_size=HIDDEN, vocab_size=VOCAB)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_store, tmp_path_factory):
+    """The reference: the same training with nothing going wrong."""
+    return train(_config(tiny_store, tmp_path_factory.mktemp("uninterrupted") / "out"))
+
+
+def _config(store: Path, out: Path, tracking_uri: str | None = None, **overrides) -> TrainConfig:
+    values = dict(
+        train_data_dir=str(store),
+        output_dir=str(out),
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_steps=4,
+        max_steps=STEPS,
+        max_eval_examples=64,
+        mlflow_tracking_uri=tracking_uri,
+        experiment_name=str(out),
+        report_to="mlflow" if tracking_uri else "none",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _flags(config: TrainConfig) -> list[str]:
+    flags = [
+        f"--train_data_dir={config.train_data_dir}",
+        f"--output_dir={config.output_dir}",
+        f"--per_device_train_batch_size={config.per_device_train_batch_size}",
+        f"--learning_rate={config.learning_rate}",
+        f"--logging_steps={config.logging_steps}",
+        f"--save_steps={config.save_steps}",
+        f"--max_steps={config.max_steps}",
+        f"--max_eval_examples={config.max_eval_examples}",
+        f"--experiment_name={config.experiment_name}",
+        f"--report_to={config.report_to}",
+    ]
+    if config.mlflow_tracking_uri:
+        flags.append(f"--mlflow_tracking_uri={config.mlflow_tracking_uri}")
+    return flags
+
+
+def _assert_same_curve(resumed, uninterrupted) -> None:
+    assert sorted(resumed.losses) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert resumed.losses[step] == uninterrupted.losses[step], step
+    assert resumed.metrics == uninterrupted.metrics
+
+
+def _logged_step(out: Path) -> int:
+    try:
+        lines = (out / LOG_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def test_sigterm_at_a_random_step_saves_a_checkpoint_exits_75_and_resumes_the_same_curve(
+    tiny_store, uninterrupted, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    # save_steps past the end: the only checkpoint is the one SIGTERM asks for
+    config = _config(tiny_store, out, tracking_uri, save_steps=1000)
+    signal_after = random.randint(2, 9)
+    print(f"SIGTERM once step {signal_after} is logged")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dmtp.train", *_flags(config)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while _logged_step(out) < signal_after and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == Preempted.exit_code == 75, stderr[-3000:]
+    (saved,) = checkpoint.list_checkpoints(out)
+    step = checkpoint.checkpoint_step(saved)
+    print(f"SIGTERM after step {signal_after}: checkpoint-{step} saved, exit 75")
+    assert signal_after <= step < STEPS
+    assert checkpoint.checkpoint_problem(saved) is None
+    assert not (out / "final").exists()
+    errors = [line for line in stderr.splitlines() if line.startswith("dmtp train: error:")]
+    assert errors == [
+        f"dmtp train: error: SIGTERM at step {step}/{STEPS}: saved {saved}; rerun with "
+        "--resume_from_checkpoint auto to go on from there"
+    ]
+    assert "Traceback" not in stderr
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(str(out)).experiment_id])
+    assert run.info.status == "KILLED"
+
+    resumed = train(_config(tiny_store, out, tracking_uri, resume_from_checkpoint="auto"))
+    _assert_same_curve(resumed, uninterrupted)
+    (run,) = client.search_runs([client.get_experiment_by_name(str(out)).experiment_id])
+    assert run.info.run_id == resumed.run_id and run.info.status == "FINISHED"
+
+
+class _DiskFills:
+    """Raise ENOSPC at one write of one checkpoint: after the model, the optimizer state, the RNG
+    state, or halfway through the state file that would commit the checkpoint."""
+
+    WRITES = ("model", "optimizer", "rng", "state")
+
+    def __init__(self, monkeypatch, at_step: int, write: str):
+        self.at_step, self.write, self.step, self.fired = at_step, write, None, False
+        save_model = __import__("dmtp.train", fromlist=["Trainer"]).Trainer._save_model
+        save_state_dict, save_rng = checkpoint.save_state_dict, checkpoint.save_rng_state
+
+        def model(trainer, folder):
+            self.step = trainer.step
+            save_model(trainer, folder)
+            self._maybe("model")
+
+        def optimizer(state, path):
+            save_state_dict(state, path)
+            self._maybe("optimizer")
+
+        def rng(folder, rank):
+            save_rng(folder, rank)
+            self._maybe("rng")
+
+        def commit(tmp, final, state):
+            if self._due("state"):
+                (tmp / checkpoint.STATE_FILE).write_text(json.dumps(state)[:20])
+                self._raise()
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        monkeypatch.setattr("dmtp.train.Trainer._save_model", model)
+        monkeypatch.setattr(checkpoint, "save_state_dict", optimizer)
+        monkeypatch.setattr(checkpoint, "save_rng_state", rng)
+        if write == "state":
+            original = checkpoint.commit_checkpoint
+            monkeypatch.setattr(
+                checkpoint,
+                "commit_checkpoint",
+                lambda tmp, final, state: (
+                    commit(tmp, final, state) if self._due("state") else original(tmp, final, state)
+                ),
+            )
+
+    def _due(self, write: str) -> bool:
+        return not self.fired and write == self.write and self.step == self.at_step
+
+    def _maybe(self, write: str) -> None:
+        if self._due(write):
+            self._raise()
+
+    def _raise(self) -> None:
+        self.fired = True
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_at_a_random_checkpoint_write_commits_nothing_and_resume_completes(
+    tiny_store, uninterrupted, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    config = _config(tiny_store, out)
+    at_step = random.choice([4, 8, 12])  # save_steps 4
+    write = random.choice(_DiskFills.WRITES)
+    fault = _DiskFills(monkeypatch, at_step, write)
+    code = run_command("train", _flags(config))
+    stderr = capsys.readouterr().err
+    print(f"ENOSPC at the {write} write of checkpoint-{at_step}")
+
+    assert fault.fired and code == DiskFull.exit_code
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, stderr[-3000:]
+    print(errors[0])
+    assert errors[0].startswith(
+        f"dmtp train: error: no space left on the device of {out} for checkpoint-{at_step} "
+    )
+    assert "a checkpoint needs about" in errors[0] and "MB are free" in errors[0]
+    assert "Traceback" not in stderr
+    # nothing that looks like a checkpoint of that step, nothing half-written left behind
+    assert [checkpoint.checkpoint_step(p) for p in checkpoint.list_checkpoints(out)] == list(
+        range(4, at_step, 4)
+    )
+    assert not (out / f"checkpoint-{at_step}").exists()
+    assert not list(out.glob(".*.tmp")) and not (out / "final").exists()
+
+    monkeypatch.undo()  # space freed
+    resumed = train(_config(tiny_store, out, resume_from_checkpoint="auto"))
+    _assert_same_curve(resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(
+    tiny_store, uninterrupted, tmp_path, capsys, damage
+):
+    out = tmp_path / "out"
+    train(_config(tiny_store, out))  # checkpoints 4, 8, 12 and the final head
+    newest = out / "checkpoint-12"
+    victim = newest / ("model.safetensors" if damage == "truncated" else "optimizer.safetensors")
+    data = bytearray(victim.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[-5] ^= 0x01  # a flipped bit in a tensor: the file still opens
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    resumed = train(_config(tiny_store, out, resume_from_checkpoint="auto"))
+    stderr = capsys.readouterr().err
+    warnings = [line for line in stderr.splitlines() if "warning" in line]
+    print(warnings)
+    reason = "has" if damage == "truncated" else "does not match its sha256"
+    assert len(warnings) == 1 and f"skipping {newest} ({victim.name} {reason}" in warnings[0]
+    assert warnings[0].endswith(f"resuming from {out / 'checkpoint-8'} instead")
+    assert f"resuming from {out / 'checkpoint-8'} at step 8" in stderr
+    _assert_same_curve(resumed, uninterrupted)
