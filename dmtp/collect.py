@@ -44,7 +44,14 @@ from dmtp.cli import add_config_arguments, config_from_args
 from dmtp.config import CollectConfig
 from dmtp.errors import InputDataError, StoreError
 from dmtp.generation import Finished, HiddenStateCapture, RefillGenerator, refill_supported
-from dmtp.models import BaseModel, load_base_model, resolve_device
+from dmtp.models import (
+    BaseModel,
+    encode_answered_chat,
+    encode_prompt,
+    eos_token_ids,
+    load_base_model,
+    resolve_device,
+)
 from dmtp.prompts import Prompt, PromptFileInfo, iter_prompts, scan_prompts
 from dmtp.store import (
     SequenceRows,
@@ -81,56 +88,6 @@ class CollectResult:
     complete: bool
     seconds: float
     tokens_per_second: float
-
-
-# ----------------------------------------------------------------------------------------------
-# prompts -> token ids
-
-
-def _chat_template_ids(
-    tokenizer: Any, messages: list[dict], add_generation_prompt: bool
-) -> list[int]:
-    encoded = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True
-    )
-    ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-    return list(ids)
-
-
-def encode_prompt(prompt: Prompt, tokenizer: Any) -> list[int]:
-    """Token ids the model reads: the chat template for chat prompts when the model has one; an
-    answered chat whole, its answer included (`encode_answered_chat`)."""
-    if prompt.answered:
-        return encode_answered_chat(prompt, tokenizer)[0]
-    if prompt.messages is not None:
-        if getattr(tokenizer, "chat_template", None):
-            return _chat_template_ids(tokenizer, prompt.messages, add_generation_prompt=True)
-        text = "\n\n".join(m["content"] for m in prompt.messages)  # base model: the raw prompt
-        return list(tokenizer(text)["input_ids"])
-    return list(tokenizer(prompt.text)["input_ids"])
-
-
-def encode_answered_chat(prompt: Prompt, tokenizer: Any) -> tuple[list[int], int]:
-    """(ids, start): a chat that ends with its answer, encoded whole, and its answer's first token.
-
-    The whole chat is the template over every message, without a generation prompt; `ids[:start]`
-    is the prompt as `encode_prompt` encodes it for generation (generation prompt included), so the
-    answer's rows line up with those a generated answer would have. A template that renders the
-    chat otherwise (drops or rewrites earlier text) is refused: the answer's start would be a guess.
-    """
-    question = Prompt(prompt.index, prompt.line, messages=prompt.messages[:-1])
-    head = encode_prompt(question, tokenizer)
-    if getattr(tokenizer, "chat_template", None):
-        ids = _chat_template_ids(tokenizer, prompt.messages, add_generation_prompt=False)
-    else:
-        ids = list(tokenizer("\n\n".join(m["content"] for m in prompt.messages))["input_ids"])
-    if len(ids) <= len(head) or ids[: len(head)] != head:
-        raise InputDataError(
-            "the model's chat template does not render this answered chat as its prompt (with the "
-            "generation prompt) followed by the answer, so the answer's start is unknown; collect "
-            "from the prompts alone (drop the assistant message) to have the model answer them"
-        )
-    return ids, len(head)
 
 
 def check_prompt_lengths(path: Path, base: BaseModel) -> tuple[int, float]:
@@ -331,14 +288,6 @@ def lm_head_argmax(model: Any, hidden_states: torch.Tensor) -> torch.Tensor:
         for i in range(0, len(hidden_states), LOGITS_ROWS)
     ]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=hidden_states.device)
-
-
-def eos_token_ids(base: BaseModel) -> list[int]:
-    ids = base.model.generation_config.eos_token_id
-    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
-    if base.tokenizer.eos_token_id is not None and base.tokenizer.eos_token_id not in ids:
-        ids.append(base.tokenizer.eos_token_id)
-    return ids
 
 
 def pad_left(

@@ -85,7 +85,7 @@ def load_eval_prompts(
     path: Path, base: BaseModel, config: EvalConfig, block_length: int
 ) -> list[EvalPrompt]:
     """Encode the prompts as `dmtp collect` does (chat template); fail on one the model can't decode."""
-    from dmtp.collect import encode_prompt
+    from dmtp.models import encode_prompt
 
     prompts: list[EvalPrompt] = []
     limit = base.max_positions
@@ -335,7 +335,7 @@ def decode_prompts(
     A drafter's own `block_length` (a head's, or prompt lookup's num_tokens + 1) overrides
     `block_length`.
     """
-    from dmtp.collect import eos_token_ids
+    from dmtp.models import eos_token_ids
 
     model, eos = base.model, eos_token_ids(base)
     lengths = {name: drafter_block_length(d, block_length) for name, d in drafters.items()}

@@ -18,12 +18,11 @@ from dflash_oracle import DFlashUnavailable, fit_head, load_dflash, run_peers
 from safetensors.torch import load_file
 
 from dmtp.cli import main as dmtp_main
-from dmtp.collect import encode_prompt, eos_token_ids
 from dmtp.config import EvalConfig
 from dmtp.evaluate import evaluate
 from dmtp.export import dflash_problems, serving_caveats
 from dmtp.head import build_head, load_base_model_parts, load_head
-from dmtp.models import load_base_model
+from dmtp.models import encode_prompt, eos_token_ids, load_base_model
 from dmtp.prompts import iter_prompts
 from dmtp.specdec import greedy_decode
 

@@ -38,11 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dflash_oracle import dflash_draft_from_head, fit_head, load_dflash, run_peers  # noqa: E402
 
-from dmtp.collect import encode_prompt, eos_token_ids  # noqa: E402
 from dmtp.config import DEMO_EVAL_PROMPTS, ExportConfig  # noqa: E402
 from dmtp.export import export  # noqa: E402
 from dmtp.head import build_head, load_base_model_parts, load_head  # noqa: E402
-from dmtp.models import load_base_model  # noqa: E402
+from dmtp.models import encode_prompt, eos_token_ids, load_base_model  # noqa: E402
 from dmtp.prompts import iter_prompts  # noqa: E402
 from dmtp.specdec import greedy_decode  # noqa: E402
 
