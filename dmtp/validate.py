@@ -309,6 +309,18 @@ class ArrayFiles:
 # the checks
 
 
+@dataclass
+class ShardPlan:
+    """A shard whose metadata checked out: what the streaming pass reads, block by block."""
+
+    shard: int
+    arrays: dict[str, ArrayFiles]  # by array name (ARRAY_NAMES, plus layer_states if any)
+    n: int  # committed rows
+    offsets: np.ndarray  # [n_sequences + 1] sequence starts, 0 .. n
+    n_blocks: int  # hidden_states files holding the n rows
+    summary: ShardSummary  # the report's row for this shard, filled in as blocks are read
+
+
 class Validator:
     def __init__(self, path: Path, sample: float, seed: int, progress: bool):
         self.path = path
@@ -419,20 +431,46 @@ class Validator:
                         file=relative,
                     )
 
-    def _plan_shard(self, k: int) -> dict[str, Any] | None:
+    def _plan_shard(self, k: int) -> ShardPlan | None:
         """Check one shard's metadata; return what the block pass needs, or None if unreadable."""
         directory = self.path / "shards" / str(k)
         summary = ShardSummary(index=k)
         self.report.shards.append(summary)
         summary.bytes_on_disk = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+        attrs = self._shard_attrs(k, directory, summary)
+        if attrs is None:
+            return None
+        arrays = self._open_arrays(k, directory)
+        if arrays is None:
+            return None
+        n = summary.rows
+        # every check runs (each reports its own findings) before a failed one stops the plan
+        ok = all(
+            [
+                self._check_dtypes(k, arrays),
+                self._check_shapes(k, arrays),
+                self._check_row_counts(k, arrays, n, summary.complete),
+            ]
+        )
+        offsets = self._offsets(k, arrays["sequence_offsets"], summary.sequences, n)
+        if offsets is not None:
+            self._check_sample_count(k, attrs, offsets)
+        if not ok or offsets is None:
+            return None
+        n_blocks = -(-n // arrays["hidden_states"].rows_per_file)
+        self._check_listing(k, arrays, n, n_blocks)
+        return ShardPlan(k, arrays, n, offsets, n_blocks, summary)
+
+    def _shard_attrs(self, k: int, directory: Path, summary: ShardSummary) -> dict[str, Any] | None:
+        """The shard group's attrs, its counts copied into `summary`; None when it is missing."""
         try:
             attrs = json.loads((directory / "zarr.json").read_text()).get("attributes", {})
         except FileNotFoundError:
             summary.status = "missing"
             self.error("missing_shard", "shard was never written (run collection for it)", shard=k)
             return None
-        n = int(attrs.get("n_committed", 0))
-        summary.rows, summary.sequences = n, int(attrs.get("n_sequences", 0))
+        summary.rows = int(attrs.get("n_committed", 0))
+        summary.sequences = int(attrs.get("n_sequences", 0))
         summary.complete = bool(attrs.get("complete", False))
         if not summary.complete:
             self.error(
@@ -441,6 +479,10 @@ class Validator:
                 "`dmtp collect ... --resume`)",
                 shard=k,
             )
+        return attrs
+
+    def _open_arrays(self, k: int, directory: Path) -> dict[str, ArrayFiles] | None:
+        """Every array of the shard by name; None when one is missing or unreadable."""
         arrays: dict[str, ArrayFiles] = {}
         names = (*ARRAY_NAMES, *self.row_names[len(ROW_ARRAYS) :])
         for name in names:
@@ -450,8 +492,9 @@ class Validator:
                 self.error("missing_array", "array is missing", shard=k, array=name)
             except (ChunkError, KeyError, ValueError) as error:
                 self.error("metadata", f"unreadable array metadata: {error}", shard=k, array=name)
-        if len(arrays) != len(names):
-            return None
+        return arrays if len(arrays) == len(names) else None
+
+    def _check_dtypes(self, k: int, arrays: dict[str, ArrayFiles]) -> bool:
         expected = {name: np.dtype(dtype) for name, dtype in ROW_DTYPES.items()}
         expected["hidden_states"] = np.dtype(STORAGE_DTYPES[self.hidden_dtype])
         expected[LAYER_STATES] = expected["hidden_states"]
@@ -463,6 +506,11 @@ class Validator:
                     "dtype", f"dtype {files.dtype}, expected {expected[name]}", shard=k, array=name
                 )
                 ok = False
+        return ok
+
+    def _check_shapes(self, k: int, arrays: dict[str, ArrayFiles]) -> bool:
+        """hidden_states is [rows, hidden_size]; layer_states [rows, feature layers, hidden_size]."""
+        ok = True
         hidden = arrays["hidden_states"]
         if len(hidden.shape) != 2 or hidden.shape[1] != self.hidden_size:
             self.error(
@@ -484,7 +532,15 @@ class Validator:
                 array=LAYER_STATES,
             )
             ok = False
-        rows_per_file = hidden.rows_per_file
+        return ok
+
+    def _check_row_counts(
+        self, k: int, arrays: dict[str, ArrayFiles], n: int, complete: bool
+    ) -> bool:
+        """Each row array holds the n committed rows (exactly n once complete), and all are split
+        into files as hidden_states is. Extra rows of a complete shard are reported, not fatal."""
+        ok = True
+        rows_per_file = arrays["hidden_states"].rows_per_file
         for name in self.row_names:
             files = arrays[name]
             if files.shape[0] < n:
@@ -495,7 +551,7 @@ class Validator:
                     array=name,
                 )
                 ok = False
-            elif files.shape[0] > n and summary.complete:
+            elif files.shape[0] > n and complete:
                 self.error(
                     "row_count",
                     f"the shard is complete with n_committed {n}, "
@@ -512,34 +568,23 @@ class Validator:
                     array=name,
                 )
                 ok = False
-        offsets = self._offsets(k, arrays["sequence_offsets"], summary.sequences, n)
-        if offsets is not None and "n_samples" in attrs:
-            collection = self.root.get("collection", {})
-            size, stride = collection.get("sample_size"), collection.get("stride")
-            if (
-                size
-                and stride
-                and count_samples(np.diff(offsets), size, stride) != attrs["n_samples"]
-            ):
-                self.error(
-                    "row_count",
-                    f"n_samples is {attrs['n_samples']}, but the sequences hold "
-                    f"{count_samples(np.diff(offsets), size, stride)} samples of {size} "
-                    f"(stride {stride})",
-                    shard=k,
-                )
-        if not ok or offsets is None:
-            return None
-        n_blocks = -(-n // rows_per_file)
-        self._check_listing(k, arrays, n, n_blocks)
-        return {
-            "shard": k,
-            "arrays": arrays,
-            "n": n,
-            "offsets": offsets,
-            "n_blocks": n_blocks,
-            "summary": summary,
-        }
+        return ok
+
+    def _check_sample_count(self, k: int, attrs: dict[str, Any], offsets: np.ndarray) -> None:
+        """n_samples, where the shard records it, is what its sequences hold at collection's
+        sample_size and stride."""
+        collection = self.root.get("collection", {})
+        size, stride = collection.get("sample_size"), collection.get("stride")
+        if "n_samples" not in attrs or not size or not stride:
+            return
+        counted = count_samples(np.diff(offsets), size, stride)
+        if counted != attrs["n_samples"]:
+            self.error(
+                "row_count",
+                f"n_samples is {attrs['n_samples']}, but the sequences hold {counted} samples of "
+                f"{size} (stride {stride})",
+                shard=k,
+            )
 
     def _offsets(self, k: int, files: ArrayFiles, n_sequences: int, n: int) -> np.ndarray | None:
         if files.shape[0] < n_sequences + 1:
@@ -601,8 +646,8 @@ class Validator:
 
     # the streaming pass -----------------------------------------------------------------------
 
-    def _check_blocks(self, plans: list[dict[str, Any]]) -> None:
-        blocks = [(plan, b) for plan in plans for b in range(plan["n_blocks"])]
+    def _check_blocks(self, plans: list[ShardPlan]) -> None:
+        blocks = [(plan, b) for plan in plans for b in range(plan.n_blocks)]
         if self.sample < 1.0:
             keep = max(1, round(self.sample * len(blocks))) if blocks else 0
             chosen = (
@@ -612,10 +657,10 @@ class Validator:
             )
             blocks = [block for i, block in enumerate(blocks) if i in chosen]
             for plan in plans:
-                plan["summary"].generated_rows = None
+                plan.summary.generated_rows = None
         else:
             for plan in plans:
-                plan["summary"].generated_rows = 0
+                plan.summary.generated_rows = 0
         total = sum(self._block_bytes(plan, b) for plan, b in blocks)
         from tqdm import tqdm
 
@@ -627,17 +672,15 @@ class Validator:
                 self.report.bytes_checked += checked
                 bar.update(checked)
 
-    def _block_bytes(self, plan: dict[str, Any], b: int) -> int:
+    def _block_bytes(self, plan: ShardPlan, b: int) -> int:
         return sum(
-            plan["arrays"][name].path(b).stat().st_size
-            if plan["arrays"][name].path(b).exists()
-            else 0
+            plan.arrays[name].path(b).stat().st_size if plan.arrays[name].path(b).exists() else 0
             for name in self.row_names
         )
 
-    def _check_block(self, plan: dict[str, Any], b: int) -> int:
+    def _check_block(self, plan: ShardPlan, b: int) -> int:
         """Decode and check rows [b*F, (b+1)*F) of one shard: one file of each row array."""
-        k, arrays, n, offsets = plan["shard"], plan["arrays"], plan["n"], plan["offsets"]
+        k, arrays, n, offsets = plan.shard, plan.arrays, plan.n, plan.offsets
         hidden = arrays["hidden_states"]
         start = b * hidden.rows_per_file
         stop = min(start + hidden.rows_per_file, n)
@@ -664,7 +707,7 @@ class Validator:
                     chunk=files.key(b),
                     rows=[start, stop],
                 )
-        self._check_values(k, columns, offsets, start, stop, plan["summary"])
+        self._check_values(k, columns, offsets, start, stop, plan.summary)
         return checked
 
     def _check_hidden_file(
