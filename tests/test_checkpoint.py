@@ -66,7 +66,10 @@ def test_only_finished_checkpoints_are_found_newest_last_and_old_ones_rotated(tm
         resolve_resume_path(str(tmp_path / "checkpoint-40"), tmp_path)
     prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-30"]
-    assert json.loads((tmp_path / "checkpoint-30" / STATE_FILE).read_text()) == {"step": 30}
+    assert json.loads((tmp_path / "checkpoint-30" / STATE_FILE).read_text()) == {
+        "step": 30,
+        "files": {},  # each file's size and sha256 (this folder holds none)
+    }
 
 
 def test_a_checkpoint_and_the_final_head_hold_only_trained_tensors(debug_model_dir, tmp_path):
@@ -143,3 +146,53 @@ def test_a_qwen25_7b_shape_head_saves_only_its_trained_tensors():
         f"  not saved:   the base model's embedding and LM head, {borrowed / 1e6:.0f} M parameters "
         f"({2 * borrowed / gb:.2f} GB bf16)"
     )
+
+
+def test_a_damaged_checkpoint_is_refused_by_name_and_skipped_by_auto(tmp_path):
+    from safetensors.torch import save_file
+
+    from dmtp.checkpoint import checkpoint_problem
+
+    for step in (1, 2):
+        tmp, final = staging_dir(tmp_path, step)
+        tmp.mkdir(parents=True)
+        save_file({"w": torch.arange(64.0)}, str(tmp / "model.safetensors"))
+        commit_checkpoint(tmp, final, {"step": step})
+    newest = tmp_path / "checkpoint-2"
+    (newest / "model.safetensors").unlink()
+    assert checkpoint_problem(newest) == "model.safetensors is missing"
+    with pytest.raises(DmtpError, match="model.safetensors is missing; pass an older"):
+        resolve_resume_path(str(newest), tmp_path)
+    warnings: list[str] = []
+    assert resolve_resume_path("auto", tmp_path, warnings.append) == tmp_path / "checkpoint-1"
+    assert warnings == [
+        f"skipping {newest} (model.safetensors is missing); resuming from "
+        f"{tmp_path / 'checkpoint-1'} instead"
+    ]
+    # a checkpoint from before checksums: its safetensors files must at least open
+    state = json.loads((tmp_path / "checkpoint-1" / STATE_FILE).read_text())
+    del state["files"]
+    (tmp_path / "checkpoint-1" / STATE_FILE).write_text(json.dumps(state))
+    assert checkpoint_problem(tmp_path / "checkpoint-1") is None
+    (tmp_path / "checkpoint-1" / "model.safetensors").write_bytes(b"\x00" * 5)
+    assert "model.safetensors does not open" in checkpoint_problem(tmp_path / "checkpoint-1")
+    warnings.clear()
+    assert resolve_resume_path("auto", tmp_path, warnings.append) is None
+    assert warnings[0].endswith("no loadable checkpoint left: starting at step 0")
+
+
+def test_disk_full_is_recognised_from_python_and_from_safetensors():
+    import errno
+
+    from safetensors import SafetensorError
+
+    from dmtp.checkpoint import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    # what safetensors raises on a full tmpfs (measured here)
+    assert is_disk_full(
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    )
+    assert not is_disk_full(SafetensorError("Error while deserializing header: HeaderTooSmall"))
