@@ -1,24 +1,28 @@
 """Every stage's settings as a dataclass: the one source of truth for each default.
 
-The CLI (`dmtp.cli`), the Prefect tasks and flows, and `prefect.yaml` all read their defaults from
-here (tests/test_config_agreement.py checks it). This module imports neither torch nor prefect, so a
-deployment can be built on a host without either.
+The CLI (`dmtp.cli`), the Prefect flows (their parameters are generated from these fields) and the
+child processes the tasks start (`dmtp train --config run.json`) all take their settings from here;
+tests/test_config_agreement.py checks that no default is restated anywhere else. This module
+imports neither torch nor prefect, so a deployment can be built on a host without either.
 
 Each config checks itself once, when it is constructed: `validate_fields` enforces every field's
-`option(..., choices=..., ge=..., ...)` rules, then `__post_init__` the rules between fields. The
-CLI, Python callers and the flows all construct these classes, so a bad value fails the same way,
-with the same one-line message, wherever it comes from, before any stage starts.
+choices (its `Literal[...]` type) and bounds (`option(..., ge=..., ...)`), then `__post_init__` the
+rules between fields. The CLI, Python callers and the flows all construct these classes, so a bad
+value fails the same way, with the same one-line message, wherever it comes from, before any stage
+starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import operator
 import re
-from collections.abc import Sequence
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dmtp.errors import DmtpError
 
@@ -32,21 +36,20 @@ def option(
     default: Any,
     help: str,
     *,
-    choices: Sequence[Any] | None = None,
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
     **metadata: Any,
 ) -> Any:
-    """A dataclass field carrying its CLI help text and the rules `validate_fields` checks.
+    """A dataclass field carrying its CLI help text and the bounds `validate_fields` checks.
 
-    choices: the values allowed; ge, gt, le, lt: bounds of a number (>=, >, <=, <). None, where
-    a field's type allows it, means "unset" and passes every rule. Other metadata: `aliases`
-    (more flag spellings).
+    ge, gt, le, lt: bounds of a number (>=, >, <=, <). Choices are the field's type
+    (`Literal["linear", "cosine"]`), which the CLI and the flows' forms show too. None, where a
+    field's type allows it, means "unset" and passes every rule. Other metadata: `aliases` (more
+    flag spellings).
     """
-    rules = {"choices": list(choices) if choices is not None else None}
-    rules.update(ge=ge, gt=gt, le=le, lt=lt)
+    rules = {"ge": ge, "gt": gt, "le": le, "lt": lt}
     metadata = {"help": help, **{k: v for k, v in rules.items() if v is not None}, **metadata}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -67,17 +70,30 @@ BOUNDS = (
 )
 
 
+@functools.cache
+def field_choices(config_class: type) -> dict[str, tuple[Any, ...]]:
+    """The values each `Literal[...]`-typed field of `config_class` allows, by field name."""
+    choices = {}
+    for name, kind in typing.get_type_hints(config_class).items():
+        literals = [kind, *typing.get_args(kind)]  # `Literal[...] | None` too
+        for literal in literals:
+            if typing.get_origin(literal) is Literal:
+                choices[name] = typing.get_args(literal)
+    return choices
+
+
 def validate_fields(config: Any) -> None:
-    """Check every field of `config` against its `option` rules (choices, bounds).
+    """Check every field of `config` against its rules: its choices (type) and bounds (`option`).
 
     Raises DmtpError on the first bad field, in one line naming the field, the value and what is
     allowed. Nested configs are not visited: each checks itself when it is constructed.
     """
+    all_choices = field_choices(type(config))
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if value is None:
             continue
-        choices = item.metadata.get("choices")
+        choices = all_choices.get(item.name)
         if choices is not None and value not in choices:
             allowed = ", ".join(map(str, choices))
             raise DmtpError(f"{item.name} must be one of {allowed}; got {value!r}")
@@ -104,6 +120,14 @@ def check_device(device: Any) -> None:
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> Path:
+    """Write a resolved config as JSON, for a child process: `dmtp <command> --config PATH`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(config), indent=1) + "\n")
+    return path
 
 
 def default_feature_layers(num_hidden_layers: int) -> tuple[int, ...]:
@@ -636,6 +660,13 @@ class TrainConfig:
         "register the final head in the MLflow model registry under this name (default "
         "dmtp-<base model name>, one version per training; `none`: log it without registering)",
     )
+    mlflow_flush_timeout_s: float = option(
+        60.0,
+        "at the end of training, wait at most this long for metrics the MLflow server has not "
+        "taken yet (it was down or slow); what is left stays in <output_dir>/"
+        "mlflow_undelivered.jsonl for `python -m dmtp.outbox` or the next run to deliver",
+        ge=0,
+    )
     test_mode: bool = option(
         False, "smoke run: at most 20 steps on at most 64 samples, logging every step"
     )
@@ -714,7 +745,8 @@ class ImportPtConfig:
         return Path(self.output_dir) / STORE_DIRNAME
 
 
-EXPORT_FORMATS = ("dflash",)
+ExportFormat = Literal["dflash"]
+EXPORT_FORMATS = typing.get_args(ExportFormat)
 
 
 @dataclass
@@ -726,10 +758,9 @@ class ExportConfig:
     """
 
     head_path: str | None = option(None, "trained head folder (`dmtp train`'s <output_dir>/final)")
-    format: str = option(
+    format: ExportFormat = option(
         "dflash",
         f"checkpoint layout to write: {', '.join(EXPORT_FORMATS)}",
-        choices=EXPORT_FORMATS,
     )
     output_dir: str | None = option(
         None, "folder to write (config.json, model.safetensors, README.md)"

@@ -7,8 +7,9 @@ retryable, with the results published as Prefect artifacts.
 Every stage is a task that launches a dmtp entry point as a child process (DESIGN §6). A rerun with
 the same inputs finds each stage's manifest under the data root and redoes nothing; a changed
 training setting retrains on the cached store; a failed task is retried by Prefect, an interrupted
-shard resumes from its committed rows. Parameter defaults are the dmtp config dataclasses' own
-(tests/test_prefect_yaml.py checks they agree).
+shard resumes from its committed rows. The flows' settings are generated from the dmtp config
+classes (flows/parameters.py): their types, choices and defaults are the classes' own, so the
+Prefect UI's run form offers each choice in a dropdown and shows each default.
 
 Also here: `collect` (collect and validate only) and `train` (train and evaluate on an existing
 store).
@@ -23,7 +24,6 @@ Environment (a deployment's job variables, or the shell of a local run):
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from dmtp.config import (
     StoreLayout,
     TrainConfig,
 )
+from flows.parameters import settings, stage_settings, with_settings
 from tasks.collect import collect_config, collect_shard, model_name, plan_collection
 from tasks.evaluate import eval_config, evaluate_head
 from tasks.export import export_head
@@ -60,63 +61,49 @@ DEFAULT_DATA_ROOT = "runs"  # relative to the working directory: the checkout, f
 RETRY_DELAY_ENV = "DMTP_RETRY_DELAY_SECONDS"  # e.g. "1" in tests: shorter backoff, same retries
 
 
-def field_defaults(config_class: type) -> dict[str, Any]:
-    """A config dataclass's defaults by field name (without running its checks)."""
-    return {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        for f in dataclasses.fields(config_class)
-    }
-
-
-COLLECT = field_defaults(CollectConfig)
-LAYOUT = field_defaults(StoreLayout)
-TRAIN = field_defaults(TrainConfig)
-DATA = field_defaults(DataConfig)
-EVAL = field_defaults(EvalConfig)
-EXPORT = field_defaults(ExportConfig)
-
-# Flow parameter -> (config class, field) it feeds. One source of truth for every default:
-# tests/test_prefect_yaml.py checks each default below against the dataclass field.
-PARAMETER_SOURCES: dict[str, tuple[type, str]] = {
-    "base_model_path": (CollectConfig, "base_model_path"),
-    "input_data_path": (CollectConfig, "input_data_path"),
-    "max_new_tokens": (CollectConfig, "max_new_tokens"),
-    "batch_size": (CollectConfig, "batch_size"),
-    "max_samples": (CollectConfig, "max_samples"),
-    "sample_size": (CollectConfig, "sample_size"),
-    "stride": (CollectConfig, "stride"),
-    "temperature": (CollectConfig, "temperature"),
-    "collect_seed": (CollectConfig, "seed"),
-    "dtype": (CollectConfig, "dtype"),
-    "device": (CollectConfig, "device"),
-    "num_shards": (CollectConfig, "num_shards"),
-    "prompts_per_shard": (CollectConfig, "prompts_per_shard"),
-    "feature_layers": (CollectConfig, "feature_layers"),
-    "chunk_rows": (StoreLayout, "chunk_rows"),
-    "rows_per_file": (StoreLayout, "rows_per_file"),
-    "compressor": (StoreLayout, "compressor"),
-    "block_length": (DataConfig, "block_length"),
-    "loss_on": (DataConfig, "loss_on"),
-    "train_ratio": (DataConfig, "train_ratio"),
-    "num_hidden_layers": (TrainConfig, "num_hidden_layers"),
-    "per_device_train_batch_size": (TrainConfig, "per_device_train_batch_size"),
-    "num_train_epochs": (TrainConfig, "num_train_epochs"),
-    "max_steps": (TrainConfig, "max_steps"),
-    "learning_rate": (TrainConfig, "learning_rate"),
-    "warmup_steps": (TrainConfig, "warmup_steps"),
-    "scheduler_type": (TrainConfig, "scheduler_type"),
-    "loss_weight_type": (TrainConfig, "loss_weight_type"),
-    "train_seed": (TrainConfig, "seed"),
-    "logging_steps": (TrainConfig, "logging_steps"),
-    "save_steps": (TrainConfig, "save_steps"),
-    "experiment_name": (TrainConfig, "experiment_name"),
-    "mlflow_tracking_uri": (TrainConfig, "mlflow_tracking_uri"),
-    "deepspeed": (TrainConfig, "deepspeed"),
-    "eval_input_data_path": (EvalConfig, "input_data_path"),
-    "eval_max_new_tokens": (EvalConfig, "max_new_tokens"),
-    "eval_max_prompts": (EvalConfig, "max_prompts"),
-    "denoising_steps": (EvalConfig, "denoising_steps"),
-}
+# The settings each flow exposes, by config field. A parameter of no stage (base model, prompts,
+# shard count, tracking store) is the flow's own to pass on; the rest go to their stages' configs.
+COLLECTION = [
+    *settings(CollectConfig, "base_model_path", "input_data_path", "num_shards"),
+    *settings(
+        CollectConfig,
+        "max_new_tokens", "batch_size", "max_samples", "sample_size", "stride", "temperature",
+        "dtype", "prompts_per_shard", "feature_layers",
+        stages=["collect"],
+        collect_seed="seed",
+    ),
+    *settings(StoreLayout, "chunk_rows", "rows_per_file", "compressor", stages=["collect"]),
+]  # fmt: skip
+TRAINING = [
+    *settings(DataConfig, "block_length", "loss_on", "train_ratio", stages=["train"]),
+    *settings(
+        TrainConfig,
+        "num_hidden_layers", "per_device_train_batch_size", "num_train_epochs", "max_steps",
+        "learning_rate", "warmup_steps", "scheduler_type", "loss_weight_type", "logging_steps",
+        "save_steps", "experiment_name", "deepspeed",
+        stages=["train"],
+        train_seed="seed",
+    ),
+    *settings(TrainConfig, "mlflow_tracking_uri"),
+]  # fmt: skip
+EVALUATION = settings(
+    EvalConfig,
+    "denoising_steps",
+    stages=["evaluate"],
+    eval_input_data_path="input_data_path",
+    eval_max_new_tokens="max_new_tokens",
+    eval_max_prompts="max_prompts",
+)
+# One device for every stage: collection's rules admit cuda:N, training's (torchrun) do not, so
+# collect-and-train checks a device against both before any task starts.
+COLLECT_AND_TRAIN = [
+    *COLLECTION,
+    *TRAINING,
+    *EVALUATION,
+    *settings(CollectConfig, "device", stages=["collect", "train", "evaluate"]),
+]
+COLLECT = [*COLLECTION, *settings(CollectConfig, "device", stages=["collect"])]
+TRAIN = [*TRAINING, *EVALUATION, *settings(TrainConfig, "device", stages=["train", "evaluate"])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,10 +280,10 @@ def export_and_publish(
     exported: ExportManifest | None = None
     cached: dict[str, bool] = {}
     if export:
-        settings = {"format": EXPORT["format"], "dtype": EXPORT["dtype"]}
+        chosen = {s.field: s.default for s in settings(ExportConfig, "format", "dtype")}
         task = configured(export_head, root, refresh_cache)
         state = task(
-            head, store, evaluation, settings, stall_timeout_s=stall_timeout_s, return_state=True
+            head, store, evaluation, chosen, stall_timeout_s=stall_timeout_s, return_state=True
         )
         exported = state.result()
         cached["export"] = _cached(state)
@@ -391,87 +378,56 @@ def _run_name(flow_name: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # flows
+#
+# validate_parameters=False: the stages' configs check every setting (check_settings, first thing
+# in each flow), with the same one-line error as the CLI. Prefect's own check would answer a bad
+# choice first, with pydantic's multi-line message. A deployment's run form and `prefect deployment
+# run` are checked against the parameter schema by the server, before a run exists.
 
 
 @flow(
     name="collect-and-train",
     flow_run_name=lambda: _run_name("collect-and-train"),
     persist_result=False,  # the summary is logged and returned; nothing of it needs pickling
+    validate_parameters=False,
 )
+@with_settings(COLLECT_AND_TRAIN)
 def collect_and_train(
-    base_model_path: str | None = COLLECT["base_model_path"],
-    input_data_path: str | None = COLLECT["input_data_path"],
     data_root: str | None = None,
-    # collection
-    max_new_tokens: int = COLLECT["max_new_tokens"],
-    batch_size: int = COLLECT["batch_size"],
-    max_samples: int | None = COLLECT["max_samples"],
-    sample_size: int = COLLECT["sample_size"],
-    stride: int = COLLECT["stride"],
-    temperature: float = COLLECT["temperature"],
-    collect_seed: int = COLLECT["seed"],
-    dtype: str = COLLECT["dtype"],
-    num_shards: int = COLLECT["num_shards"],
-    prompts_per_shard: int | None = COLLECT["prompts_per_shard"],
-    feature_layers: str = COLLECT["feature_layers"],
-    chunk_rows: int = LAYOUT["chunk_rows"],
-    rows_per_file: int = LAYOUT["rows_per_file"],
-    compressor: str = LAYOUT["compressor"],
-    # training
-    block_length: int = DATA["block_length"],
-    loss_on: str = DATA["loss_on"],
-    train_ratio: float = DATA["train_ratio"],
-    num_hidden_layers: int = TRAIN["num_hidden_layers"],
-    per_device_train_batch_size: int = TRAIN["per_device_train_batch_size"],
-    num_train_epochs: float = TRAIN["num_train_epochs"],
-    max_steps: int | None = TRAIN["max_steps"],
-    learning_rate: float = TRAIN["learning_rate"],
-    warmup_steps: int = TRAIN["warmup_steps"],
-    scheduler_type: str = TRAIN["scheduler_type"],
-    loss_weight_type: str = TRAIN["loss_weight_type"],
-    train_seed: int = TRAIN["seed"],
-    logging_steps: int = TRAIN["logging_steps"],
-    save_steps: int = TRAIN["save_steps"],
-    experiment_name: str = TRAIN["experiment_name"],
-    mlflow_tracking_uri: str | None = TRAIN["mlflow_tracking_uri"],
-    deepspeed: str | None = TRAIN["deepspeed"],
     train_options: dict[str, Any] | None = None,
     nproc_per_node: int | None = None,
-    # evaluation
     evaluate: bool = True,
-    eval_input_data_path: str | None = EVAL["input_data_path"],
-    eval_max_new_tokens: int = EVAL["max_new_tokens"],
-    eval_max_prompts: int | None = EVAL["max_prompts"],
-    denoising_steps: int = EVAL["denoising_steps"],
-    # serving and results
     export: bool = True,
     artifact_key: str | None = None,
-    # operations
-    device: str = COLLECT["device"],
     refresh_cache: bool = False,
     max_parallel_shards: int | None = None,
     stall_timeout_minutes: float = 60.0,
+    **values: Any,
 ) -> dict[str, Any]:
     """Collect hidden states from a base model, validate them, train a diffusion MTP head on them,
     and evaluate the head by speculative decoding.
 
-    data_root: where stores, heads, logs and the stages' cached manifests go (shared by every
-        worker); default $DMTP_DATA_ROOT, else ./runs.
-    train_options: any other TrainConfig/DataConfig field, e.g. {"kappa": 3.0, "eval_steps": 50}.
-    nproc_per_node: training ranks; default one per visible GPU, one on a CPU host.
-    evaluate: run speculative decoding with the head (τ, speedup) and attach it to the MLflow run.
-    export: write the head in z-lab's DFlash layout for SGLang/vLLM, with a model card (a head the
-        layout cannot express is reported, not failed).
-    artifact_key: base of the Prefect artifact keys (evaluation table, MLflow link); default
-        `collect-and-train-<deployment>`, `-local` outside a deployment.
-    refresh_cache: redo every stage even where a cached result exists.
-    max_parallel_shards: shards collected at once; default one per visible GPU (1 on CPU).
-    stall_timeout_minutes: kill and retry a stage that printed nothing and wrote nothing this long.
+    Args:
+        data_root: where stores, heads, logs and the stages' cached manifests go (shared by every
+            worker); default $DMTP_DATA_ROOT, else ./runs.
+        train_options: any other TrainConfig/DataConfig field, e.g. {"kappa": 3.0, "eval_steps": 50}.
+        nproc_per_node: training ranks; default one per visible GPU, one on a CPU host.
+        evaluate: run speculative decoding with the head (τ, speedup) and attach it to the MLflow
+            run.
+        export: write the head in z-lab's DFlash layout for SGLang/vLLM, with a model card (a head
+            the layout cannot express is reported, not failed).
+        artifact_key: base of the Prefect artifact keys (evaluation table, MLflow link); default
+            `collect-and-train-<deployment>`, `-local` outside a deployment.
+        refresh_cache: redo every stage even where a cached result exists.
+        max_parallel_shards: shards collected at once; default one per visible GPU (1 on CPU).
+        stall_timeout_minutes: kill and retry a stage that printed nothing and wrote nothing this
+            long.
     """
     logger = get_run_logger()
-    collect_settings = _collect_settings(locals())
-    train_settings = _train_settings(locals())
-    eval_settings = _eval_settings(locals()) if evaluate else None
+    collect_settings = stage_settings(COLLECT_AND_TRAIN, values, "collect")
+    train_settings = {**stage_settings(COLLECT_AND_TRAIN, values, "train"), **(train_options or {})}
+    eval_settings = stage_settings(COLLECT_AND_TRAIN, values, "evaluate") if evaluate else None
+    num_shards = values["num_shards"]
     check_settings(
         collect_settings=collect_settings,
         num_shards=num_shards,
@@ -479,11 +435,15 @@ def collect_and_train(
         eval_settings=eval_settings,
     )
     root = resolve_data_root(data_root)
-    tracking_uri = resolve_tracking_uri(mlflow_tracking_uri, root)
+    tracking_uri = resolve_tracking_uri(values["mlflow_tracking_uri"], root)
     gpus = visible_gpus()
     logger.info("data root %s, MLflow %s, GPUs %s", root, tracking_uri, gpus or "none (CPU)")
     plan = configured(plan_collection, root, refresh_cache)(
-        base_model_path, input_data_path, collect_settings, num_shards, str(root)
+        values["base_model_path"],
+        values["input_data_path"],
+        collect_settings,
+        num_shards,
+        str(root),
     )
     stall_s = stall_timeout_minutes * 60
     store, cached, shard_facts = collect_store(
@@ -521,83 +481,41 @@ def collect_and_train(
     return summary
 
 
-def _train_settings(parameters: dict[str, Any]) -> dict[str, Any]:
-    """TrainConfig/DataConfig fields from a flow's parameters, `train_options` merged in."""
-    settings = {
-        name: parameters[name]
-        for name in (
-            "block_length", "loss_on", "train_ratio", "num_hidden_layers",
-            "per_device_train_batch_size", "num_train_epochs", "max_steps", "learning_rate",
-            "warmup_steps", "scheduler_type", "loss_weight_type", "logging_steps", "save_steps",
-            "experiment_name", "deepspeed", "device",
-        )
-    }  # fmt: skip
-    return {**settings, "seed": parameters["train_seed"], **(parameters["train_options"] or {})}
-
-
-def _eval_settings(parameters: dict[str, Any]) -> dict[str, Any]:
-    """EvalConfig fields from a flow's parameters."""
-    return {
-        "input_data_path": parameters["eval_input_data_path"],
-        "max_new_tokens": parameters["eval_max_new_tokens"],
-        "max_prompts": parameters["eval_max_prompts"],
-        "denoising_steps": parameters["denoising_steps"],
-        "device": parameters["device"],
-    }
-
-
-def _collect_settings(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The CollectConfig fields (layout flattened) that shape a store, from a flow's parameters."""
-    return {
-        "max_new_tokens": parameters["max_new_tokens"],
-        "batch_size": parameters["batch_size"],
-        "max_samples": parameters["max_samples"],
-        "sample_size": parameters["sample_size"],
-        "stride": parameters["stride"],
-        "temperature": parameters["temperature"],
-        "seed": parameters["collect_seed"],
-        "dtype": parameters["dtype"],
-        "device": parameters["device"],
-        "prompts_per_shard": parameters["prompts_per_shard"],
-        "feature_layers": parameters["feature_layers"],
-        "chunk_rows": parameters["chunk_rows"],
-        "rows_per_file": parameters["rows_per_file"],
-        "compressor": parameters["compressor"],
-    }
-
-
-@flow(name="collect", flow_run_name=lambda: _run_name("collect"), persist_result=False)
+@flow(
+    name="collect",
+    flow_run_name=lambda: _run_name("collect"),
+    persist_result=False,
+    validate_parameters=False,
+)
+@with_settings(COLLECT)
 def collect(
-    base_model_path: str | None = COLLECT["base_model_path"],
-    input_data_path: str | None = COLLECT["input_data_path"],
     data_root: str | None = None,
-    max_new_tokens: int = COLLECT["max_new_tokens"],
-    batch_size: int = COLLECT["batch_size"],
-    max_samples: int | None = COLLECT["max_samples"],
-    sample_size: int = COLLECT["sample_size"],
-    stride: int = COLLECT["stride"],
-    temperature: float = COLLECT["temperature"],
-    collect_seed: int = COLLECT["seed"],
-    dtype: str = COLLECT["dtype"],
-    num_shards: int = COLLECT["num_shards"],
-    prompts_per_shard: int | None = COLLECT["prompts_per_shard"],
-    feature_layers: str = COLLECT["feature_layers"],
-    chunk_rows: int = LAYOUT["chunk_rows"],
-    rows_per_file: int = LAYOUT["rows_per_file"],
-    compressor: str = LAYOUT["compressor"],
-    device: str = COLLECT["device"],
     refresh_cache: bool = False,
     max_parallel_shards: int | None = None,
     stall_timeout_minutes: float = 60.0,
+    **values: Any,
 ) -> dict[str, Any]:
-    """Collect and validate a store (the first half of collect-and-train); returns where it is."""
+    """Collect and validate a store (the first half of collect-and-train); returns where it is.
+
+    Args:
+        data_root: as collect-and-train's.
+        refresh_cache: redo every stage even where a cached result exists.
+        max_parallel_shards: shards collected at once; default one per visible GPU (1 on CPU).
+        stall_timeout_minutes: kill and retry a stage that printed nothing and wrote nothing this
+            long.
+    """
     logger = get_run_logger()
-    collect_settings = _collect_settings(locals())
+    collect_settings = stage_settings(COLLECT, values, "collect")
+    num_shards = values["num_shards"]
     check_settings(collect_settings=collect_settings, num_shards=num_shards)
     root = resolve_data_root(data_root)
     gpus = visible_gpus()
     plan = configured(plan_collection, root, refresh_cache)(
-        base_model_path, input_data_path, collect_settings, num_shards, str(root)
+        values["base_model_path"],
+        values["input_data_path"],
+        collect_settings,
+        num_shards,
+        str(root),
     )
     store, cached, shard_facts = collect_store(
         plan,
@@ -612,50 +530,47 @@ def collect(
     return summary
 
 
-@flow(name="train", flow_run_name=lambda: _run_name("train"), persist_result=False)
+@flow(
+    name="train",
+    flow_run_name=lambda: _run_name("train"),
+    persist_result=False,
+    validate_parameters=False,
+)
+@with_settings(TRAIN)
 def train(
     train_data_dir: str,
     data_root: str | None = None,
-    block_length: int = DATA["block_length"],
-    loss_on: str = DATA["loss_on"],
-    train_ratio: float = DATA["train_ratio"],
-    num_hidden_layers: int = TRAIN["num_hidden_layers"],
-    per_device_train_batch_size: int = TRAIN["per_device_train_batch_size"],
-    num_train_epochs: float = TRAIN["num_train_epochs"],
-    max_steps: int | None = TRAIN["max_steps"],
-    learning_rate: float = TRAIN["learning_rate"],
-    warmup_steps: int = TRAIN["warmup_steps"],
-    scheduler_type: str = TRAIN["scheduler_type"],
-    loss_weight_type: str = TRAIN["loss_weight_type"],
-    train_seed: int = TRAIN["seed"],
-    logging_steps: int = TRAIN["logging_steps"],
-    save_steps: int = TRAIN["save_steps"],
-    experiment_name: str = TRAIN["experiment_name"],
-    mlflow_tracking_uri: str | None = TRAIN["mlflow_tracking_uri"],
-    deepspeed: str | None = TRAIN["deepspeed"],
     train_options: dict[str, Any] | None = None,
     nproc_per_node: int | None = None,
     evaluate: bool = True,
-    eval_input_data_path: str | None = EVAL["input_data_path"],
-    eval_max_new_tokens: int = EVAL["max_new_tokens"],
-    eval_max_prompts: int | None = EVAL["max_prompts"],
-    denoising_steps: int = EVAL["denoising_steps"],
     export: bool = True,
     artifact_key: str | None = None,
-    device: str = TRAIN["device"],
     refresh_cache: bool = False,
     stall_timeout_minutes: float = 60.0,
+    **values: Any,
 ) -> dict[str, Any]:
     """Validate an existing store (`train_data_dir`), train a head on it, evaluate and export it.
 
     Parameters as collect-and-train's; artifact keys default to `train-<deployment>`.
+
+    Args:
+        train_data_dir: the store (or the output_dir holding it) to train on.
+        data_root: as collect-and-train's.
+        train_options: any other TrainConfig/DataConfig field, e.g. {"kappa": 3.0, "eval_steps": 50}.
+        nproc_per_node: training ranks; default one per visible GPU, one on a CPU host.
+        evaluate: run speculative decoding with the head (τ, speedup).
+        export: write the head in z-lab's DFlash layout for SGLang/vLLM.
+        artifact_key: base of the Prefect artifact keys; default `train-<deployment>`.
+        refresh_cache: redo every stage even where a cached result exists.
+        stall_timeout_minutes: kill and retry a stage that printed nothing and wrote nothing this
+            long.
     """
     logger = get_run_logger()
-    train_settings = _train_settings(locals())
-    eval_settings = _eval_settings(locals()) if evaluate else None
+    train_settings = {**stage_settings(TRAIN, values, "train"), **(train_options or {})}
+    eval_settings = stage_settings(TRAIN, values, "evaluate") if evaluate else None
     check_settings(train_settings=train_settings, eval_settings=eval_settings)
     root = resolve_data_root(data_root)
-    tracking_uri = resolve_tracking_uri(mlflow_tracking_uri, root)
+    tracking_uri = resolve_tracking_uri(values["mlflow_tracking_uri"], root)
     gpus = visible_gpus()
     plan = configured(plan_existing_store, root, refresh_cache)(train_data_dir)
     stall_s = stall_timeout_minutes * 60

@@ -18,7 +18,6 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.caching import OutputCache, digest
 from tasks.launch import (
-    config_flags,
     dmtp_command,
     fail_once_if_requested,
     retry_unless_permanent,
@@ -208,6 +207,7 @@ def collect_shard(
     gpu: the CUDA device this shard may use (None: leave CUDA_VISIBLE_DEVICES as it is).
     rebuild: delete the shard first (its data failed validation), instead of resuming it.
     """
+    from dmtp.config import save_config
     from dmtp.store import open_store
 
     logger = run_logger()
@@ -238,10 +238,12 @@ def collect_shard(
             shard_index=shard_index,
             resume=True,
         )
+        logs, name = Path(plan.output_dir) / "logs", f"collect-shard{shard_index}"
+        config_path = save_config(config, logs / f"{name}-config.json")
         run = run_stage(
             f"collect shard {shard_index}",
-            dmtp_command("collect", *config_flags(config)),
-            log_path=Path(plan.output_dir) / "logs" / f"collect-shard{shard_index}.log",
+            dmtp_command("collect", "--config", str(config_path)),
+            log_path=logs / f"{name}.log",
             env={"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else None,
             timeout_s=timeout_s,
             stall_timeout_s=stall_timeout_s,

@@ -12,7 +12,6 @@ from prefect import task
 
 from tasks.caching import OutputCache, digest
 from tasks.launch import (
-    config_flags,
     dmtp_command,
     fail_once_if_requested,
     retry_unless_permanent,
@@ -95,12 +94,15 @@ def evaluate_head(
         mlflow_tracking_uri=head.mlflow_tracking_uri,
         mlflow_run_id=head.mlflow_run_id,
     )
+    from dmtp.config import save_config
+
+    config_path = save_config(config, Path(head.output_dir) / "logs" / "evaluate-config.json")
     env = mlflow_environment(flow_run_context()[1])  # tags of a new evaluation run, if one is made
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     run = run_stage(
         "evaluate",
-        dmtp_command("evaluate", *config_flags(config)),
+        dmtp_command("evaluate", "--config", str(config_path)),
         log_path=Path(head.output_dir) / "logs" / "evaluate.log",
         env=env or None,
         timeout_s=timeout_s,

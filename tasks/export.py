@@ -22,7 +22,6 @@ from prefect import task
 from tasks.caching import OutputCache, digest
 from tasks.launch import (
     StageFailed,
-    config_flags,
     dmtp_command,
     fail_once_if_requested,
     retry_unless_permanent,
@@ -133,11 +132,14 @@ def export_head(
         # The folder is this task's own: one there without a cache record is a stale attempt.
         overwrite=True,
     )
+    from dmtp.config import save_config
+
     log_path = Path(head.output_dir) / "logs" / "export.log"
+    config_path = save_config(config, log_path.with_name("export-config.json"))
     try:
         run = run_stage(
             f"export ({config.format})",
-            dmtp_command("export", *config_flags(config)),
+            dmtp_command("export", "--config", str(config_path)),
             log_path=log_path,
             stall_timeout_s=stall_timeout_s,
             logger=logger,

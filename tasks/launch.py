@@ -14,7 +14,6 @@ Two kinds of timeout, because a hang looks different from a long job:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import subprocess
@@ -25,7 +24,6 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -34,6 +32,7 @@ TAIL_LINES = 40  # lines of a failed stage's output kept for its error message
 PROGRESS_LOG_EVERY_S = 30.0
 KILL_GRACE_S = 10.0  # between SIGTERM and SIGKILL: torchrun uses it to stop its workers
 USER_ERROR_EXIT_CODE = 2  # dmtp.errors.DmtpError.exit_code: bad input, retrying cannot help
+PREEMPTED_EXIT_CODE = 75  # dmtp.errors.Preempted.exit_code: SIGTERM, work saved, retry resumes
 FAIL_ONCE_ENV = "DMTP_FAIL_ONCE"
 
 
@@ -56,6 +55,10 @@ class StageFailed(RuntimeError):
 
 class StageTimedOut(StageFailed):
     """The stage ran past its timeout or stalled; its process tree was killed. Retryable."""
+
+
+class StagePreempted(StageFailed):
+    """SIGTERM stopped the stage after it saved its work (exit 75). Retryable: the retry resumes."""
 
 
 class InjectedFailure(RuntimeError):
@@ -266,7 +269,8 @@ def run_stage(
             pump.join(timeout=KILL_GRACE_S)
     seconds = time.monotonic() - started
     if process.returncode != 0:
-        raise StageFailed(
+        failure = StagePreempted if process.returncode == PREEMPTED_EXIT_CODE else StageFailed
+        raise failure(
             f"{name}: exited with code {process.returncode}",
             returncode=process.returncode,
             log_path=log_path,
@@ -278,32 +282,6 @@ def run_stage(
 def dmtp_command(subcommand: str, *flags: str) -> list[str]:
     """`python -m dmtp.cli <subcommand> ...` with this interpreter (no reliance on PATH)."""
     return [sys.executable, "-m", "dmtp.cli", subcommand, *flags]
-
-
-def config_flags(config: Any, skip: Iterable[str] = ()) -> list[str]:
-    """A dmtp config dataclass as the CLI flags that rebuild it (nested dataclasses flattened, as
-    `dmtp.cli.add_config_arguments` declares them).
-
-    None is left out (the stage's own default applies); a bool is written only where it differs
-    from its default, as `--name` or `--no-name` (argparse's BooleanOptionalAction).
-    """
-    skip = set(skip)
-    flags: list[str] = []
-    for item in dataclasses.fields(config):
-        value = getattr(config, item.name)
-        if dataclasses.is_dataclass(value):
-            flags += config_flags(value, skip)
-            continue
-        if item.name in skip or value is None:
-            continue
-        if isinstance(value, bool):
-            if value != item.default:
-                flags.append(f"--{item.name}" if value else f"--no-{item.name}")
-        elif isinstance(value, list | tuple):
-            flags += [f"--{item.name}", *map(str, value)]
-        else:
-            flags += [f"--{item.name}", str(value)]
-    return flags
 
 
 def visible_gpus() -> list[str]:

@@ -3,13 +3,16 @@
 The head's folder lives under the data root, named by what determines it (the store's identity, the
 training settings, the world size, the dmtp version): a changed setting trains into a new folder and
 never disturbs a finished head. A retried attempt resumes from the newest checkpoint of its own
-folder (`--resume_from_checkpoint auto`), continuing the same MLflow run.
+folder (`--resume_from_checkpoint auto`), continuing the same MLflow run. SIGTERM makes the training
+save a checkpoint and stop (preemption): that attempt fails as StagePreempted, and Prefect's retry
+resumes from the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,9 @@ from prefect import task
 
 from tasks.caching import OutputCache, digest
 from tasks.launch import (
-    config_flags,
+    StageFailed,
+    StagePreempted,
+    StageTimedOut,
     fail_once_if_requested,
     retry_unless_permanent,
     run_logger,
@@ -102,6 +107,17 @@ def head_problem(output_dir: Path) -> str | None:
     return None
 
 
+def preemption_record(output_dir: Path, since: float) -> dict[str, Any] | None:
+    """What the training wrote when SIGTERM stopped it after `since` (step, checkpoint), or None."""
+    from dmtp.train import PREEMPTED_FILE
+
+    try:
+        record = json.loads((output_dir / PREEMPTED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("time", 0) >= since else None
+
+
 def _train_check(inputs: dict[str, Any]) -> str | None:
     folder = head_dir(
         inputs["store"], inputs["settings"], inputs["nproc_per_node"], inputs["data_root"]
@@ -156,9 +172,13 @@ def train_head(
         resume_from_checkpoint="auto",  # a retried attempt continues its own checkpoints
         **naming,
     )
+    from dmtp.config import save_config
+
+    # The child reads the resolved config whole, as this process built and checked it.
+    config_path = save_config(config, output_dir / "logs" / "train-config.json")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc_per_node}", "-m", "dmtp.train", *config_flags(config),
+        f"--nproc_per_node={nproc_per_node}", "-m", "dmtp.train", "--config", str(config_path),
     ]  # fmt: skip
     env = {
         "MLFLOW_TRACKING_URI": mlflow_tracking_uri,
@@ -167,16 +187,30 @@ def train_head(
     }
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    run = run_stage(
-        f"train ({nproc_per_node} proc)",
-        command,
-        log_path=output_dir / "logs" / "train.log",
-        env=env,
-        timeout_s=timeout_s,
-        stall_timeout_s=stall_timeout_s,
-        activity=[output_dir],
-        logger=logger,
-    )
+    started = time.time()
+    try:
+        run = run_stage(
+            f"train ({nproc_per_node} proc)",
+            command,
+            log_path=output_dir / "logs" / "train.log",
+            env=env,
+            timeout_s=timeout_s,
+            stall_timeout_s=stall_timeout_s,
+            activity=[output_dir],
+            logger=logger,
+        )
+    except StageFailed as failure:
+        preempted = preemption_record(output_dir, since=started)
+        if preempted is None or isinstance(failure, StagePreempted | StageTimedOut):
+            raise
+        # torchrun exits 1 whatever code its ranks exit with: the ranks' record tells
+        raise StagePreempted(
+            f"train ({nproc_per_node} proc): stopped by SIGTERM at step {preempted['step']}, "
+            f"saved {preempted['checkpoint']}; the retry resumes from it",
+            returncode=failure.returncode,
+            log_path=failure.log_path,
+            tail=failure.tail,
+        ) from failure
     problem = head_problem(output_dir)
     if problem:
         raise RuntimeError(f"dmtp.train exited 0 but {problem}")

@@ -1,6 +1,6 @@
 """Every config dataclass checks itself once, when it is built: one test per rule.
 
-The rules: each field's choices and bounds (declared in its `option(...)`), the device a process or
+The rules: each field's choices (its `Literal[...]` type) and bounds (its `option(...)`), the device a process or
 torchrun can use, and the rules between fields. The CLI, Python callers and the flows all build
 these classes, so each gets the same one-line error (tests/test_flows.py has the flows' side).
 """
@@ -22,6 +22,7 @@ from dmtp.config import (
     StoreLayout,
     TrainConfig,
     ValidateConfig,
+    field_choices,
 )
 from dmtp.errors import DmtpError
 
@@ -65,7 +66,9 @@ def _fields_with(key: str) -> list[tuple[type, dataclasses.Field]]:
     return [(c, f) for c in CONFIGS for f in dataclasses.fields(c) if key in f.metadata]
 
 
-CHOICE_FIELDS = _fields_with("choices")
+CHOICE_FIELDS = [
+    (c, f) for c in CONFIGS for f in dataclasses.fields(c) if f.name in field_choices(c)
+]
 BOUNDED = [(c, f, k) for k, _, _ in BOUNDS for c, f in _fields_with(k)]
 
 
@@ -84,10 +87,11 @@ def test_the_rules_cover_the_fields_that_need_them():
     ids=[f"{c.__name__}.{f.name}" for c, f in CHOICE_FIELDS],
 )
 def test_a_choice_outside_a_fields_choices_is_refused(config_class, item):
-    for choice in item.metadata["choices"]:
+    choices = field_choices(config_class)[item.name]
+    for choice in choices:
         assert getattr(build(config_class, **{item.name: choice}), item.name) == choice
     message = error_of(config_class, **{item.name: "bogus"})
-    allowed = ", ".join(map(str, item.metadata["choices"]))
+    allowed = ", ".join(map(str, choices))
     assert message == f"{item.name} must be one of {allowed}; got 'bogus'"
 
 

@@ -335,8 +335,9 @@ def test_a_shard_killed_mid_way_is_resumed_not_restarted(
 ):
     from dmtp.store import open_store
     from flows.collect_and_train import collect
+    from dmtp.config import save_config
     from tasks.collect import collect_config, plan_collection
-    from tasks.launch import config_flags, dmtp_command
+    from tasks.launch import dmtp_command
 
     parameters = _parameters(
         debug_model_dir, prompts, tmp_path, batch_size=1, chunk_rows=16, rows_per_file=16
@@ -368,7 +369,7 @@ def test_a_shard_killed_mid_way_is_resumed_not_restarted(
         resume=True,
     )
     child = subprocess.Popen(
-        dmtp_command("collect", *config_flags(config)),
+        dmtp_command("collect", "--config", str(save_config(config, tmp_path / "config.json"))),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -435,6 +436,7 @@ INVALID_SETTINGS = {
     ),
     "training_range": ({"learning_rate": 0.0}, ("TrainConfig", {"learning_rate": 0.0})),
     "collection_range": ({"temperature": -1.0}, ("CollectConfig", {"temperature": -1.0})),
+    "collection_choice": ({"compressor": "lz4"}, ("StoreLayout", {"compressor": "lz4"})),
     "store_layout": (
         {"chunk_rows": 16, "rows_per_file": 40},
         ("StoreLayout", {"chunk_rows": 16, "rows_per_file": 40}),
@@ -444,6 +446,7 @@ INVALID_SETTINGS = {
         ("EvalConfig", {"head_path": "h", "denoising_steps": 0}),
     ),
     "device_torchrun_cannot_use": ({"device": "cuda:1"}, ("TrainConfig", {"device": "cuda:1"})),
+    "device_no_process_can_use": ({"device": "gpu0"}, ("CollectConfig", {"device": "gpu0"})),
 }
 
 

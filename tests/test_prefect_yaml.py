@@ -1,17 +1,16 @@
-"""prefect.yaml agrees with the flows, and the flows' defaults agree with the dmtp dataclasses.
+"""prefect.yaml agrees with the flows.
 
-Every deployment's entrypoint must import as a flow, its parameters must bind to that flow's
-signature and validate against its types, and every default must be the dmtp config dataclass's
-own (STYLE.md: one source of truth for each default).
+Every deployment's entrypoint must import as a flow, and its parameters must bind to that flow's
+signature and pass the parameter schema the server enforces; a parameter listed there overrides the
+flow's default, which is the dmtp config class's own (STYLE.md: one source of truth for each
+default; tests/test_config_agreement.py compares flow, CLI and config).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import os
-import typing
 from pathlib import Path
 
 import pytest
@@ -26,32 +25,10 @@ FLOWS = {
     "collect": module.collect,
     "train": module.train,
 }
-# Parameters that exist only in the flows (where things go, how they run), not in any dataclass.
-FLOW_ONLY = {
-    "data_root",
-    "train_data_dir",
-    "train_options",
-    "nproc_per_node",
-    "evaluate",
-    "export",
-    "artifact_key",
-    "refresh_cache",
-    "max_parallel_shards",
-    "stall_timeout_minutes",
-}
 
 
 def _deployments() -> list[dict]:
     return yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
-
-
-def _field(config_class: type, name: str) -> dataclasses.Field:
-    return {f.name: f for f in dataclasses.fields(config_class)}[name]
-
-
-def _field_default(config_class: type, name: str):
-    f = _field(config_class, name)
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 @pytest.fixture(scope="module")
@@ -75,46 +52,24 @@ def test_every_entrypoint_imports_as_the_named_flow(loaded_flows):
     assert "collect-and-train/gpu" in names and "collect/gpu" in names and "train/gpu" in names
 
 
-def test_deployment_parameters_bind_validate_and_equal_the_defaults(loaded_flows):
+def test_deployment_parameters_bind_pass_the_schema_and_override_a_default(loaded_flows):
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
     for deployment in _deployments():
         flow = loaded_flows[deployment["entrypoint"]]
         parameters = deployment.get("parameters") or {}
         signature = inspect.signature(flow.fn)
         signature.bind_partial(**parameters)  # TypeError on a name the flow doesn't take
-        required = {
-            n for n, p in signature.parameters.items() if p.default is inspect.Parameter.empty
-        }
-        filled = {
-            n: "x" for n in required - set(parameters)
-        }  # supplied at run time (train_data_dir)
-        flow.validate_parameters({**parameters, **filled})
+        schema = parameter_schema(flow).model_dump_for_openapi()
+        # what the server checks a run's parameters against (train_data_dir comes with the run)
+        required = {n: "x" for n in schema.get("required", []) if n not in parameters}
+        validate({**parameters, **required}, schema, raise_on_error=True)
         for name, value in parameters.items():
-            assert value == signature.parameters[name].default, (
-                f"prefect.yaml {flow.name}/{deployment['name']}: {name}={value!r} differs from the "
-                f"flow's default {signature.parameters[name].default!r}; change the dataclass instead"
+            assert value != signature.parameters[name].default, (
+                f"prefect.yaml {flow.name}/{deployment['name']}: {name}={value!r} restates the "
+                "flow's default: drop it (the default is the dmtp config class's)"
             )
-
-
-@pytest.mark.parametrize("flow_name", sorted(FLOWS))
-def test_flow_defaults_and_types_are_the_dataclasses(flow_name):
-    flow = FLOWS[flow_name]
-    hints = typing.get_type_hints(flow.fn)
-    for name, parameter in inspect.signature(flow.fn).parameters.items():
-        if name in FLOW_ONLY:
-            continue
-        assert name in module.PARAMETER_SOURCES, (
-            f"{flow_name}: parameter {name} has no dataclass source"
-        )
-        config_class, field_name = module.PARAMETER_SOURCES[name]
-        if name == "device" and flow_name == "train":
-            config_class, field_name = module.TrainConfig, "device"
-        assert parameter.default == _field_default(config_class, field_name), f"{flow_name}.{name}"
-        assert hints[name] == typing.get_type_hints(config_class)[field_name], f"{flow_name}.{name}"
-
-
-def test_every_source_names_a_real_field():
-    for name, (config_class, field_name) in module.PARAMETER_SOURCES.items():
-        assert _field(config_class, field_name), name
 
 
 def test_collect_and_train_runs_on_the_gpu_pool_with_the_job_environment():

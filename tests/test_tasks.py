@@ -10,11 +10,18 @@ import time
 import psutil
 import pytest
 
-from dmtp.cli import build_parser, config_from_args
-from dmtp.config import CollectConfig, DataConfig, EvalConfig, StoreLayout, TrainConfig
+from dmtp.cli import build_parser, config_from_args, parse_args, run_command
+from dmtp.config import (
+    CollectConfig,
+    DataConfig,
+    EvalConfig,
+    StoreLayout,
+    TrainConfig,
+    save_config,
+)
 from tasks import lease
 from tasks.caching import digest
-from tasks.launch import StageFailed, StageTimedOut, config_flags, run_stage
+from tasks.launch import StageFailed, StageTimedOut, run_stage
 from tasks.train import train_config
 
 
@@ -142,7 +149,7 @@ def test_a_held_lease_is_renewed(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI flags: what a task launches must rebuild exactly the config it checked
+# Config files: what a task launches must rebuild exactly the config it checked
 
 
 @pytest.mark.parametrize(
@@ -167,10 +174,30 @@ def test_a_held_lease_is_renewed(tmp_path):
         ("evaluate", EvalConfig(head_path="h", prompt_lookup=False, max_prompts=2, output="r.json")),
     ],
 )  # fmt: skip
-def test_config_flags_round_trip_through_the_cli(command, config):
-    parser = build_parser(command)
-    rebuilt = config_from_args(type(config), parser.parse_args(config_flags(config)))
-    assert rebuilt == config
+def test_a_config_file_round_trips_through_the_cli(command, config, tmp_path):
+    path = save_config(config, tmp_path / f"{command}-config.json")
+    args = parse_args(build_parser(command), ["--config", str(path)])
+    assert config_from_args(type(config), args) == config
+
+
+def test_flags_beside_a_config_file_override_it(tmp_path):
+    config = TrainConfig(train_data_dir="d", learning_rate=1e-3, test_mode=True)
+    path = save_config(config, tmp_path / "train-config.json")
+    argv = ["--config", str(path), "--warmup_step", "5", "--block-length", "6", "--no-test-mode"]
+    rebuilt = config_from_args(TrainConfig, parse_args(build_parser("train"), argv))
+    assert (rebuilt.learning_rate, rebuilt.warmup_steps, rebuilt.block_length) == (1e-3, 5, 6)
+    assert rebuilt.train_data_dir == "d" and not rebuilt.test_mode
+
+
+def test_a_config_file_naming_an_unknown_setting_fails_in_one_line(tmp_path, capsys):
+    path = tmp_path / "train-config.json"
+    path.write_text(json.dumps({"learning_rate": 1e-3, "data": {"block_lenght": 4}}))
+    assert run_command("train", ["--config", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"dmtp train: error: --config {path}: 'block_lenght' is not a setting of DataConfig "
+        "(the command's --help lists them)"
+    )
 
 
 def test_unknown_or_flow_owned_training_settings_are_refused():
