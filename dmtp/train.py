@@ -53,6 +53,9 @@ LOG_FILE = "train_log.jsonl"
 KILL_AT_STEP_ENV = "DMTP_TEST_KILL_AT_STEP"
 # The MLflow run of a training killed before its first checkpoint, continued by a resume.
 RUN_ID_FILE = "mlflow_run_id"
+# Written when SIGTERM stopped the run: torchrun exits 1 whatever its ranks' code, so a launcher
+# reads this to tell a preemption (retry, resume) from a crash.
+PREEMPTED_FILE = "preempted.json"
 # validation noise: a stream no training step uses, the same at every evaluation
 EVAL_NOISE_STEP = 2**62
 
@@ -642,6 +645,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if self.tracker.run_id:
                 (self.output_dir / RUN_ID_FILE).write_text(self.tracker.run_id)
+            (self.output_dir / PREEMPTED_FILE).unlink(missing_ok=True)
             total, trainable = self.parameter_counts
             where = (
                 f"resuming from {resume_from} at step {self.step}" if resume_from else "starting"
@@ -914,9 +918,12 @@ class Trainer:
             if self._stop_requested():
                 if self.saved_step != self.step:
                     self.save_checkpoint()
+                saved = self.output_dir / f"{checkpoint.CHECKPOINT_PREFIX}{self.step}"
+                if self.is_main:
+                    record = {"step": self.step, "checkpoint": str(saved), "time": time.time()}
+                    (self.output_dir / PREEMPTED_FILE).write_text(json.dumps(record))
                 raise Preempted(
-                    f"SIGTERM at step {self.step}/{self.total_steps}: saved "
-                    f"{self.output_dir / f'{checkpoint.CHECKPOINT_PREFIX}{self.step}'}; rerun "
+                    f"SIGTERM at step {self.step}/{self.total_steps}: saved {saved}; rerun "
                     "with --resume_from_checkpoint auto to go on from there"
                 )
             if os.environ.get(KILL_AT_STEP_ENV) == str(self.step):

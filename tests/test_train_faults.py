@@ -264,3 +264,61 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(
     assert warnings[0].endswith(f"resuming from {out / 'checkpoint-8'} instead")
     assert f"resuming from {out / 'checkpoint-8'} at step 8" in stderr
     _assert_same_curve(resumed, uninterrupted)
+
+
+def test_the_train_task_turns_sigterm_into_a_retryable_preemption_and_the_retry_resumes(
+    tiny_store, tmp_path
+):
+    """The Prefect task's own code path (`train_head.fn`, as Prefect calls it on each attempt):
+    torchrun gets SIGTERM at a random step and forwards it; torchrun exits 1, the task reads the
+    ranks' record and fails the attempt as retryable StagePreempted; the next attempt resumes."""
+    import threading
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    from tasks.launch import StagePreempted, retry_unless_permanent
+    from tasks.manifests import ModelRef, StoreManifest
+    from tasks.train import head_dir, train_head
+
+    store = StoreManifest(
+        store_path=str(tiny_store), identity_sha256="0" * 64,
+        model=ModelRef(requested=None, name="synthetic", fingerprint="0"),
+        rows=192, sequences=8, bytes_on_disk=0, report_path="", shard_rows=[192],
+    )  # fmt: skip
+    settings = {
+        "max_steps": STEPS, "save_steps": 1000, "per_device_train_batch_size": 16,
+        "learning_rate": 3e-3, "logging_steps": 1, "max_eval_examples": 64,
+    }  # fmt: skip
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = head_dir(store, settings, 1, str(tmp_path))
+    signal_after = random.randint(2, 9)
+
+    def preempt() -> None:
+        while _logged_step(out) < signal_after:
+            time.sleep(0.005)
+        (torchrun,) = [
+            child
+            for child in psutil.Process().children()
+            if "torch.distributed.run" in child.cmdline()
+        ]
+        torchrun.send_signal(signal.SIGTERM)  # torchrun passes it on to its ranks
+
+    sender = threading.Thread(target=preempt, daemon=True)
+    sender.start()
+    with pytest.raises(StagePreempted) as preempted:
+        train_head.fn(store, settings, str(tmp_path), tracking_uri, stall_timeout_s=None)
+    sender.join(timeout=5)
+    print(preempted.value.args[0].splitlines()[0])
+    (saved,) = checkpoint.list_checkpoints(out)
+    assert f"stopped by SIGTERM at step {checkpoint.checkpoint_step(saved)}" in str(preempted.value)
+    assert signal_after <= checkpoint.checkpoint_step(saved) < STEPS
+    failed = type("State", (), {"data": preempted.value})()
+    assert retry_unless_permanent(None, None, failed)  # Prefect retries it
+
+    head = train_head.fn(store, settings, str(tmp_path), tracking_uri, stall_timeout_s=None)
+    log = (out / "logs" / "train.log").read_text()
+    assert f"resuming from {saved} at step {checkpoint.checkpoint_step(saved)}" in log
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dmtp").experiment_id])
+    assert run.info.run_id == head.mlflow_run_id and run.info.status == "FINISHED"
