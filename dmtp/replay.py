@@ -31,7 +31,7 @@ import torch
 from dmtp.blocks import one_step_drafts
 from dmtp.data import IGNORE_INDEX
 
-REPLAY_DRAFTERS = ("head", "prompt_lookup", "lookup_head")
+REPLAY_DRAFTERS = ("head", "prompt_lookup", "lookup_head", "lookup_and_head")
 ANCHORS_PER_FORWARD = 256  # bounds the block attention's memory on long answers
 
 
@@ -102,7 +102,8 @@ def replay_store(
     max_new_tokens: int | None = None,
     prompt_lookup_max_ngram: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """τ and acceptance by position of the head, prompt lookup and lookup_head on every answer of
+    """τ and acceptance by position of the head, prompt lookup, lookup_head and lookup_and_head
+    (both drafts verified as a tree) on every answer of
     a greedily collected `store` (a path or a `StoreIndex`), as greedy speculative decoding would
     make them.
 
@@ -179,6 +180,10 @@ def replay_store(
                     drafts = lookup.draft(DraftContext(None, outputs[anchor], sequence, room))
                 if name == "head" or (name == "lookup_head" and not drafts):
                     proposed, accepted = room, min(int(head_accepts[i]), room)
+                elif name == "lookup_and_head":  # both verified: the branch accepted furthest
+                    truth = outputs[anchor + 1 : anchor + 1 + room]
+                    proposed = room
+                    accepted = max(min(int(head_accepts[i]), room), leading_matches(drafts, truth))
                 else:
                     truth = outputs[anchor + 1 : anchor + 1 + room]
                     proposed, accepted = len(drafts), leading_matches(drafts, truth)

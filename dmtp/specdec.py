@@ -19,7 +19,9 @@ newest one (the bonus token), whose keys and values the next round's verificatio
 
 Drafters implement `Drafter`: `HeadDrafter` (a diffusion MTP head), `PromptLookupDrafter` (n-gram
 lookup, training-free), `LookupThenHeadDrafter` (lookup where it matches, the head elsewhere),
-and for tests `OracleDrafter` (the base model's own continuation) and `RandomDrafter`.
+`LookupAndHeadDrafter` (both drafts, verified together as a token tree: a drafter with
+`draft_branches` proposes several branches, and the round keeps the one accepted furthest), and
+for tests `OracleDrafter` (the base model's own continuation) and `RandomDrafter`.
 """
 
 from __future__ import annotations
@@ -116,6 +118,77 @@ def _forward(
     if feature_layers is None:
         return out.logits[0], None
     return out.logits[0], torch.cat([out.hidden_states[i][0] for i in feature_layers], dim=-1)
+
+
+def _forward_tree(
+    model: Any,
+    nodes: list[int],
+    parents: list[int],
+    cache: Any,
+    feature_layers: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_forward` over a token tree: node i sees the cached prefix, its ancestors and itself, at
+    position prefix + depth, so each branch's logits are what feeding that branch alone gives.
+
+    nodes[0] is the root (the bonus token); parents[i] < i is node i's parent (-1 for the root).
+    """
+    past = cache.get_seq_length()
+    sees = torch.zeros(len(nodes), len(nodes), dtype=torch.bool)
+    depth = [0] * len(nodes)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            sees[i] = sees[parent]
+            depth[i] = depth[parent] + 1
+        sees[i, i] = True
+    visible = torch.cat([torch.ones(len(nodes), past, dtype=torch.bool), sees], dim=1)
+    dtype = next(model.parameters()).dtype
+    # Additive, in the model's dtype: what eager and SDPA attention both take as a custom mask.
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    out = model(
+        input_ids=torch.tensor([nodes], dtype=torch.long, device=model.device),
+        attention_mask=mask[None, None].to(model.device),
+        position_ids=torch.tensor([[past + d for d in depth]], device=model.device),
+        cache=cache,
+        use_cache=True,
+        output_hidden_states=feature_layers is not None,
+    )
+    if feature_layers is None:
+        return out.logits[0], None
+    return out.logits[0], torch.cat([out.hidden_states[i][0] for i in feature_layers], dim=-1)
+
+
+def _keep_cache_rows(cache: Any, past: int, kept: list[int]) -> None:
+    """After a tree verification: keep the prefix and the `kept` tree nodes, in that order."""
+    index = torch.cat([torch.arange(past), past + torch.tensor(kept, dtype=torch.long)])
+    for layer in cache.layers:
+        rows = index.to(layer.keys.device)
+        layer.keys = layer.keys.index_select(-2, rows)
+        layer.values = layer.values.index_select(-2, rows)
+
+
+def token_tree(
+    bonus: int, branches: Sequence[Sequence[int]]
+) -> tuple[list[int], list[int], list[list[int]]]:
+    """A trie rooted at the bonus token: (nodes, parents, each branch's node indices).
+
+    Branches that share a prefix share its nodes, so nothing is verified twice.
+    """
+    nodes, parents = [bonus], [-1]
+    children: dict[tuple[int, int], int] = {}
+    paths = []
+    for branch in branches:
+        node, path = 0, []
+        for token in branch:
+            child = children.get((node, token))
+            if child is None:
+                child = len(nodes)
+                nodes.append(token)
+                parents.append(node)
+                children[(node, token)] = child
+            path.append(child)
+            node = child
+        paths.append(path)
+    return nodes, parents, paths
 
 
 def new_cache(model: Any) -> Any:
@@ -230,25 +303,32 @@ def speculative_decode(
         while result.tokens[-1] not in eos and len(result.tokens) < max_new_tokens:
             # A round commits drafts + 1 tokens: never draft past the token limit.
             budget = min(block_length - 1, max_new_tokens - len(result.tokens) - 1)
-            drafts: list[int] = []
+            branches: list[list[int]] = []
             if budget > 0:
                 context = DraftContext(pending, bonus, sequence, budget)
                 with drafting:
-                    drafts = list(drafter.draft(context))[:budget]
+                    branches = draft_branches(drafter, context)
                 pending = None  # the drafter has taken them into its own cache
+            nodes, parents, paths = token_tree(bonus, branches)
             with verifying:
-                logits, features = _forward(model, [bonus, *drafts], cache, feature_layers=layers)
-                # predicted[i] is the base model's token after [bonus, *drafts][i].
+                if len(paths) <= 1:  # one chain: the plain causal forward
+                    logits, features = _forward(model, nodes, cache, feature_layers=layers)
+                else:
+                    logits, features = _forward_tree(model, nodes, parents, cache, layers)
+                # predicted[i] is the base model's token after tree node i.
                 predicted = logits.argmax(dim=-1).tolist()
-            accepted = 0
-            while accepted < len(drafts) and drafts[accepted] == predicted[accepted]:
-                accepted += 1
-            new = [*drafts[:accepted], predicted[accepted]]
-            # Keep the bonus token and the accepted drafts; the rejected drafts' entries go.
-            _rollback(cache, len(sequence) + accepted)
+            path = accepted_path(paths, nodes, predicted)
+            kept = [0, *path]  # the bonus token and the accepted drafts
+            accepted = len(path)
+            new = [*(nodes[i] for i in path), predicted[kept[-1]]]
+            # The rejected drafts' cache entries go (and, in a tree, the kept ones close up).
+            if len(paths) <= 1:
+                _rollback(cache, len(sequence) + accepted)
+            else:
+                _keep_cache_rows(cache, len(sequence) - 1, kept)
             if features is not None:  # the bonus and the accepted drafts are now context
-                kept = features[: accepted + 1]
-                pending = kept if pending is None else torch.cat([pending, kept])
+                kept_features = features[kept]
+                pending = kept_features if pending is None else torch.cat([pending, kept_features])
             bonus = new[-1]
             sequence.extend(new)
             cache_length = cache.get_seq_length()
@@ -261,12 +341,31 @@ def speculative_decode(
             stop = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
             new = new[:stop]
             result.tokens.extend(new)
-            result.rounds.append(
-                Round(len(drafts), accepted, len(new), cache_length, len(sequence))
-            )
+            drafted = max((len(p) for p in paths), default=0)
+            result.rounds.append(Round(drafted, accepted, len(new), cache_length, len(sequence)))
     result.seconds = total.seconds
     result.draft_seconds, result.base_seconds = drafting.seconds, verifying.seconds
     return result
+
+
+def draft_branches(drafter: Drafter, context: DraftContext) -> list[list[int]]:
+    """The drafter's proposals as branches of at most `context.num_tokens` tokens, none empty.
+    A drafter with `draft_branches` proposes several (verified as one tree), any other one."""
+    several = getattr(drafter, "draft_branches", None)
+    branches = several(context) if several is not None else [drafter.draft(context)]
+    return [list(b)[: context.num_tokens] for b in branches if len(b)]
+
+
+def accepted_path(paths: list[list[int]], nodes: list[int], predicted: list[int]) -> list[int]:
+    """The longest accepted prefix over the branches (tree node indices; the first on a tie)."""
+    best: list[int] = []
+    for path in paths:
+        parent, n = 0, 0
+        while n < len(path) and nodes[path[n]] == predicted[parent]:
+            parent, n = path[n], n + 1
+        if n > len(best):
+            best = path[:n]
+    return best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +517,34 @@ class LookupThenHeadDrafter:
             return drafts
         self._pending, self.head_rounds = None, self.head_rounds + 1
         return self.head.draft(dataclasses.replace(context, new_features=new))
+
+
+class LookupAndHeadDrafter:
+    """Prompt lookup's draft and the head's, verified together as a two-branch tree.
+
+    One base forward checks both (up to 2(L − 1) + 1 tokens instead of L) and the round keeps
+    whichever branch the base model accepts further, so it never does worse than either drafter
+    alone on the same prefix. The head drafts every round and takes in every committed
+    position's features as it goes.
+    """
+
+    name = "lookup_and_head"
+
+    def __init__(self, lookup: PromptLookupDrafter, head: HeadDrafter):
+        self.lookup, self.head = lookup, head
+        self.block_length = head.block_length
+        self.feature_layers = head.feature_layers
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        self.head.start(prompt_ids)
+
+    def draft_branches(self, context: DraftContext) -> list[list[int]]:
+        return [self.lookup.draft(context), self.head.draft(context)]
+
+    def draft(self, context: DraftContext) -> list[int]:
+        """Only for callers that take one branch: lookup's when it matches, else the head's."""
+        lookup, head = self.draft_branches(context)
+        return lookup or head
 
 
 class OracleDrafter:

@@ -16,6 +16,7 @@ from dmtp.head import build_head, load_base_model_parts
 from dmtp.replay import replay_store
 from dmtp.specdec import (
     HeadDrafter,
+    LookupAndHeadDrafter,
     LookupThenHeadDrafter,
     PromptLookupDrafter,
     speculative_decode,
@@ -123,6 +124,9 @@ def test_replayed_rounds_are_decodings_rounds(debug_model_dir, store):
         "lookup_head": decoded(
             model, LookupThenHeadDrafter(PromptLookupDrafter(), drafter), store, eos
         ),
+        "lookup_and_head": decoded(
+            model, LookupAndHeadDrafter(PromptLookupDrafter(), drafter), store, eos
+        ),
     }
     for name, figures in real.items():
         assert replayed[name]["rounds"] == figures["rounds"], name
@@ -133,3 +137,5 @@ def test_replayed_rounds_are_decodings_rounds(debug_model_dir, store):
             assert ours == pytest.approx(theirs), name
     # the fitted head drafts some right: the equality above is not that of all-rejected rounds
     assert real["head"]["tau"] > 1.05 and real["lookup_head"]["tau"] > 1.05
+    # the tree never accepts less than either of its branches would on the same prefix
+    assert real["lookup_and_head"]["tau"] >= max(real["head"]["tau"], real["lookup_head"]["tau"])

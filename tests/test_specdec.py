@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from dmtp import specdec
 from dmtp.head import DraftCache, build_head, load_base_model_parts
@@ -12,6 +12,7 @@ from dmtp.specdec import (
     CacheInvariantError,
     DraftContext,
     HeadDrafter,
+    LookupAndHeadDrafter,
     LookupThenHeadDrafter,
     OracleDrafter,
     PromptLookupDrafter,
@@ -353,3 +354,111 @@ def test_lookup_then_head_uses_lookup_where_it_matches_and_keeps_the_head_cache_
             fresh = HeadDrafter(untrained_head, BLOCK, MASK, model.config.vocab_size)
             context = DraftContext(features, sequence[-1], sequence, len(drafts))
             assert fresh.draft(context) == drafts
+
+
+# ----------------------------------------------------------------------------------------------
+# token trees: several drafts verified in one forward
+
+
+def test_a_tree_forward_gives_each_branch_what_feeding_it_alone_gives(base, prompts):
+    """Logits and features of every tree node equal a causal forward of its branch alone, and
+    shared prefixes are one node."""
+    model, _ = base
+    ids = prompts[0]
+    branches = [[5, 6, 7], [5, 9], [11, 12, 13]]
+    nodes, parents, paths = specdec.token_tree(ids[-1], branches)
+    assert nodes == [ids[-1], 5, 6, 7, 9, 11, 12, 13]
+    assert parents == [-1, 0, 1, 2, 1, 0, 5, 6]
+    assert paths == [[1, 2, 3], [1, 4], [5, 6, 7]]
+    with torch.no_grad():
+        cache = specdec.new_cache(model)
+        specdec._forward(model, ids[:-1], cache)
+        logits, features = specdec._forward_tree(model, nodes, parents, cache, LAYERS)
+        assert cache.get_seq_length() == len(ids) - 1 + len(nodes)
+        for path in paths:
+            alone = specdec.new_cache(model)
+            specdec._forward(model, ids[:-1], alone)
+            chain_logits, chain_features = specdec._forward(
+                model, [ids[-1], *(nodes[i] for i in path)], alone, feature_layers=LAYERS
+            )
+            rows = [0, *path]
+            torch.testing.assert_close(logits[rows], chain_logits, rtol=0, atol=1e-4)
+            torch.testing.assert_close(features[rows], chain_features, rtol=0, atol=1e-4)
+
+
+class TwoBranchOracle:
+    """Two branches of the base model's own continuation, each wrong after a drawn number of
+    tokens (in a drawn order): a round must accept the longer right prefix of the two."""
+
+    name, block_length, feature_layers = "two_branch_oracle", None, None
+
+    def __init__(self, reference: list[int], seed: int):
+        self.reference = reference
+        self.generator = torch.Generator().manual_seed(seed)
+        self.right: list[tuple[int, int]] = []
+
+    def start(self, prompt_ids):
+        pass
+
+    def draft_branches(self, context: DraftContext) -> list[list[int]]:
+        position = len(context.sequence)
+        branches, right = [], []
+        for _ in range(2):
+            drafts = self.reference[position : position + context.num_tokens]
+            k = int(torch.randint(len(drafts) + 1, (1,), generator=self.generator))
+            if k < len(drafts):
+                drafts[k] = (drafts[k] + 1) % 320
+            branches.append(drafts)
+            right.append(min(k, len(drafts)))
+        self.right.append(tuple(right))
+        return branches
+
+    def draft(self, context):
+        return self.draft_branches(context)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_tree_round_keeps_the_branch_accepted_furthest_and_a_cache_of_the_committed_tokens(
+    base, prompts, eos, monkeypatch, seed
+):
+    model, _ = base
+    caches = []
+    monkeypatch.setattr(specdec, "new_cache", lambda m: caches.append(DynamicCache()) or caches[-1])
+    for ids in prompts:
+        greedy = greedy_decode(model, ids, MAX_NEW, eos).tokens
+        drafter = TwoBranchOracle([*ids, *greedy], seed)
+        result = speculative_decode(model, drafter, ids, MAX_NEW, BLOCK, eos)
+        assert result.tokens == greedy
+        check_rounds(result, len(ids))
+        assert [r.accepted for r in result.rounds] == [max(pair) for pair in drafter.right]
+        assert {a != b for a, b in drafter.right} == {True, False}  # both kinds of round ran
+        # the cache closed up after every tree round: it equals one forward of the committed text
+        committed = [*ids, *greedy][:-1]
+        with torch.no_grad():
+            fresh = model(input_ids=torch.tensor([committed]), use_cache=True).past_key_values
+        for kept, recomputed in zip(caches[-1].layers, fresh.layers, strict=True):
+            torch.testing.assert_close(kept.keys, recomputed.keys, rtol=0, atol=1e-4)
+            torch.testing.assert_close(kept.values, recomputed.values, rtol=0, atol=1e-4)
+
+
+def test_lookup_and_head_is_lossless_and_keeps_the_head_cache_exact(
+    base, prompts, eos, untrained_head
+):
+    """Both drafts every round, one verification: lossless, and each head draft equals a fresh
+    head's from all of the sequence's features at once (the head saw every committed position)."""
+    model, _ = base
+    for ids in prompts:
+        head = RecordingHeadDrafter(untrained_head, BLOCK, MASK, model.config.vocab_size)
+        both = LookupAndHeadDrafter(PromptLookupDrafter(max_ngram=3), head)
+        result = speculative_decode(model, both, ids, MAX_NEW, BLOCK, eos)
+        assert result.tokens == greedy_decode(model, ids, MAX_NEW, eos).tokens
+        check_rounds(result, len(ids), full_drafts=False)
+        assert len(head.calls) >= len(result.rounds) - 1
+        for sequence, drafts in head.calls[:6]:
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([sequence[:-1]]), output_hidden_states=True)
+            features = torch.cat([out.hidden_states[i][0] for i in LAYERS], dim=-1)
+            fresh = HeadDrafter(untrained_head, BLOCK, MASK, model.config.vocab_size)
+            assert (
+                fresh.draft(DraftContext(features, sequence[-1], sequence, len(drafts))) == drafts
+            )
