@@ -371,6 +371,11 @@ class EvalConfig:
         True,
         "with a head and prompt lookup, also run both as one drafter: lookup where it matches, the head elsewhere",
     )
+    lookup_and_head: bool = option(
+        True,
+        "with a head and prompt lookup, also verify both drafts together as a token tree each "
+        "round, keeping the branch the base model accepts furthest",
+    )
     device: str = option("auto", "cuda, cuda:N, cpu, or auto (cuda when available)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
         "auto",

@@ -45,6 +45,7 @@ from dmtp.specdec import (
     Drafter,
     GreedyResult,
     HeadDrafter,
+    LookupAndHeadDrafter,
     LookupThenHeadDrafter,
     PromptLookupDrafter,
     SpecResult,
@@ -631,6 +632,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         # the same head drafter: prompts are decoded one drafter at a time, each from start()
         lookup = PromptLookupDrafter(max_ngram=config.prompt_lookup_max_ngram)
         drafters["lookup_head"] = LookupThenHeadDrafter(lookup, drafters["head"])
+    if config.lookup_and_head and {"head", "prompt_lookup"} <= set(drafters):
+        lookup = PromptLookupDrafter(max_ngram=config.prompt_lookup_max_ngram)
+        drafters["lookup_and_head"] = LookupAndHeadDrafter(lookup, drafters["head"])
     longest = max(drafter_block_length(d, block_length) for d in drafters.values())
     prompts = load_eval_prompts(prompts_path, base, config, longest)
     records = decode_prompts(

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The drafters that combine the head with prompt lookup, as the report names them.
+COMBINED_DRAFTERS = {"lookup_head": "lookup+head", "lookup_and_head": "lookup&head (tree)"}
 
 # Sized for a 2-core CPU: ~5k store rows (48 prompts x ~105 tokens), a few epochs of a one-layer
 # head, and a short evaluation (speculative decoding runs every prompt three ways).
@@ -83,16 +85,17 @@ def report(summary: dict[str, Any], seconds: float) -> str:
         )
     if summary.get("acceptance_length") is not None:
         figures = summary.get("drafters") or {}
-        lookup_head = figures.get("lookup_head") or {}
         lines.append(
             f"  decoding    head τ={summary['acceptance_length']:.2f}, speedup {summary['speedup']:.2f}x"
             f" vs greedy; prompt lookup τ={summary['prompt_lookup_acceptance_length']:.2f}"
-            + (
-                f"; lookup+head τ={lookup_head['tau']:.2f}, speedup {lookup_head['speedup']:.2f}x"
-                if lookup_head.get("tau") is not None
-                else ""
-            )
         )
+        combined = [
+            f"{label} τ={figures[name]['tau']:.2f}, speedup {figures[name]['speedup']:.2f}x"
+            for name, label in COMBINED_DRAFTERS.items()
+            if (figures.get(name) or {}).get("tau") is not None
+        ]
+        if combined:
+            lines.append("              " + "; ".join(combined))
         lines.append(f"              ({summary['evaluation']})")
     if summary.get("mlflow_run_id"):
         command, url = mlflow_location(summary["mlflow_tracking_uri"], summary["mlflow_run_id"])

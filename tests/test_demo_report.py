@@ -22,6 +22,7 @@ def test_the_report_names_the_export_registered_model_artifacts_and_every_drafte
             "head": {"tau": 1.31, "speedup": 0.81, "tokens_per_second": 12.0},
             "prompt_lookup": {"tau": 1.27, "speedup": 1.1, "tokens_per_second": 17.0},
             "lookup_head": {"tau": 1.52, "speedup": 1.02, "tokens_per_second": 15.0},
+            "lookup_and_head": {"tau": 1.71, "speedup": 1.09, "tokens_per_second": 16.0},
         },
         "evaluation": str(tmp_path / "evaluation.json"),
         "registered_model_name": "dmtp-SmolLM2-135M-Instruct",
@@ -32,6 +33,6 @@ def test_the_report_names_the_export_registered_model_artifacts_and_every_drafte
     assert text.startswith("dmtp demo: finished in 2.9 min (cached: collect, validate)")
     assert f"export      {summary['export']}" in text
     assert "head τ=1.31, speedup 0.81x vs greedy; prompt lookup τ=1.27" in text
-    assert "lookup+head τ=1.52, speedup 1.02x" in text
+    assert "lookup+head τ=1.52, speedup 1.02x; lookup&head (tree) τ=1.71, speedup 1.09x" in text
     assert "registered  model dmtp-SmolLM2-135M-Instruct version 3" in text
     assert "artifacts dmtp-demo-evaluation, dmtp-demo-mlflow-run" in text

@@ -120,7 +120,7 @@ def test_evaluate_reports_tau_acceptance_and_speed(evaluation):
     assert result["head"]["feature_layers"] == LAYERS and result["head"]["context_window"] is None
     assert result["head"]["mask_token_id"] == 319
     assert result["head"]["mlflow_run_id"] == "run-that-trained-it"
-    assert set(result["drafters"]) == {"head", "prompt_lookup", "lookup_head"}
+    assert set(result["drafters"]) == {"head", "prompt_lookup", "lookup_head", "lookup_and_head"}
     assert [p["category"] for p in result["prompts"]] == ["story", "science", "Popular Science"]
     for name, figures in result["drafters"].items():
         overall = figures["overall"]
