@@ -3,9 +3,10 @@
 A flow names the config fields it exposes (`settings(CollectConfig, "max_new_tokens", ...)`) and
 `@with_settings(table)` gives its function one keyword parameter per field, with the field's type,
 default and help. Prefect builds the run form and the deployment's parameter schema from that
-signature: a `Literal[...]` field becomes a dropdown (an `enum`), and every default shown is the
-config class's own. The function receives the values in its `**values` and hands each stage its
-share (`stage_settings`); the stage's config checks them.
+signature: a `Literal[...]` field becomes a dropdown (an `enum`), a bound a `minimum` or `maximum`
+the form checks, and every default shown is the config class's own. The function receives the
+values in its `**values` and hands each stage its share (`stage_settings`); the stage's config
+checks them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import annotated_types
+
 STAGES = ("collect", "train", "evaluate")
+# option()'s bounds as the schema's minimum/maximum, so the run form checks them as it is filled in
+BOUNDS = {
+    "ge": annotated_types.Ge,
+    "gt": annotated_types.Gt,
+    "le": annotated_types.Le,
+    "lt": annotated_types.Lt,
+}
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,20 @@ class Setting:
 
     @property
     def annotation(self) -> Any:
-        return typing.get_type_hints(self.config_class)[self.field]
+        """The field's type (choices: `Literal[...]`), its bounds attached (`int | None` keeps them
+        on the int)."""
+        hint = typing.get_type_hints(self.config_class)[self.field]
+        bounds = [
+            rule(self._field.metadata[key])
+            for key, rule in BOUNDS.items()
+            if key in self._field.metadata
+        ]
+        if not bounds:
+            return hint
+        if type(None) in typing.get_args(hint):
+            (kind,) = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+            return typing.Annotated[(kind, *bounds)] | None
+        return typing.Annotated[(hint, *bounds)]
 
     @property
     def help(self) -> str:

@@ -3,8 +3,8 @@
 The flows' parameters are generated from the config fields, the CLI's flags too, prefect.yaml lists
 no default, and the tasks hand child processes the resolved config as a file. Here: the deployment's
 parameter schema (what `prefect deploy` registers and the UI's run form shows) carries each choice
-as an enum and each default as the config class's; the CLI's defaults are the same values; and no
-flow or deployment restates one.
+as an enum, each bound as a minimum or maximum and each default as the config class's; the CLI's
+defaults are the same values; and no flow or deployment restates one.
 """
 
 from __future__ import annotations
@@ -102,6 +102,22 @@ def _enum(prop: dict) -> list | None:
     return next((p["enum"] for p in prop.get("anyOf", []) if "enum" in p), None)
 
 
+SCHEMA_BOUNDS = {
+    "minimum": "ge",
+    "exclusiveMinimum": "gt",
+    "maximum": "le",
+    "exclusiveMaximum": "lt",
+}
+
+
+def _bounds(prop: dict) -> dict:
+    """A property's bounds as option() names them, also inside an `anyOf`."""
+    found = {}
+    for part in [prop, *prop.get("anyOf", [])]:
+        found |= {SCHEMA_BOUNDS[k]: v for k, v in part.items() if k in SCHEMA_BOUNDS}
+    return found
+
+
 @pytest.mark.parametrize("flow_name", sorted(TABLES))
 def test_the_deployment_schema_offers_each_choice_and_the_config_default(
     deployment_schemas, flow_name
@@ -114,6 +130,8 @@ def test_the_deployment_schema_offers_each_choice_and_the_config_default(
         assert prop["description"] == item.metadata["help"], setting
         choices = field_choices(setting.config_class).get(setting.field)
         assert _enum(prop) == (list(choices) if choices else None), setting
+        rules = {k: item.metadata[k] for k in SCHEMA_BOUNDS.values() if k in item.metadata}
+        assert _bounds(prop) == rules, setting
 
 
 def test_the_run_form_shows_the_training_choices_as_dropdowns(deployment_schemas):
