@@ -381,8 +381,9 @@ def _run_name(flow_name: str) -> str:
 #
 # validate_parameters=False: the stages' configs check every setting (check_settings, first thing
 # in each flow), with the same one-line error as the CLI. Prefect's own check would answer a bad
-# choice or bound first, with pydantic's multi-line message. A deployment's run form and `prefect deployment
-# run` are checked against the parameter schema by the server, before a run exists.
+# choice or bound first, with pydantic's multi-line message. A deployment's run form and
+# `prefect deployment run` are checked against the parameter schema by the server, before a run
+# exists.
 
 
 @flow(
