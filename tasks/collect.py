@@ -4,18 +4,25 @@
 sha256) and places the store under the data root by that identity, so a run with other settings
 never touches this one's store. `collect_shard` runs `dmtp collect --shard_index k --resume` as a
 child process: an interrupted shard continues from its committed rows, a finished one is skipped.
+The task holds the shard's lease (`dmtp.lease`) and hands it to that child. A child stopped by
+SIGTERM (a preempted host, a stage timeout) commits its finished runs of batches and exits 75
+(`dmtp.errors.Preempted`), which `run_stage` raises as the retryable StagePreempted: the retry
+resumes from there.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from dmtp.lease import Lease, LeaseHeld, acquire, handed_down_env, shard_lease_path
 from tasks.caching import OutputCache, digest
 from tasks.launch import (
     dmtp_command,
@@ -24,10 +31,30 @@ from tasks.launch import (
     run_logger,
     run_stage,
 )
-from tasks.lease import held
 from tasks.manifests import CollectionPlan, ModelRef, PromptsRef, ShardManifest
 
 RETRY_DELAYS_S = [10, 60, 300]  # a GPU host rebooting or an OOM neighbour: give it minutes
+
+
+class ShardBusy(RuntimeError):
+    """Another live run is writing this shard. Retryable, unlike the `dmtp.lease.LeaseHeld` it
+    wraps (a DmtpError, which `retry_unless_permanent` never retries): that run ends, or dies and
+    its lease is taken over."""
+
+
+@contextmanager
+def shard_lease(store_path: Path, shard_index: int) -> Iterator[Lease]:
+    """Hold shard `shard_index`'s lease (the one `dmtp collect` takes) or raise ShardBusy."""
+    try:
+        lease = acquire(
+            shard_lease_path(store_path, shard_index), f"shard {shard_index} of {store_path}"
+        )
+    except LeaseHeld as error:
+        raise ShardBusy(str(error)) from None
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def slug(text: str) -> str:
@@ -214,8 +241,7 @@ def collect_shard(
     fail_once_if_requested("collect_shard")
     store_path = plan.store_path
     shard_dir = store_path / "shards" / str(shard_index)
-    lease_path = Path(plan.output_dir) / "leases" / f"shard-{shard_index}.json"
-    with held(lease_path, f"shard {shard_index} of {store_path}"):
+    with shard_lease(store_path, shard_index) as lease:
         if rebuild and shard_dir.exists():
             logger.warning("deleting shard %d to collect it again: %s", shard_index, shard_dir)
             shutil.rmtree(shard_dir)
@@ -244,7 +270,11 @@ def collect_shard(
             f"collect shard {shard_index}",
             dmtp_command("collect", "--config", str(config_path)),
             log_path=logs / f"{name}.log",
-            env={"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else None,
+            # The child writes under this task's lease (it would find it held otherwise).
+            env={
+                **handed_down_env([lease]),
+                **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}),
+            },
             timeout_s=timeout_s,
             stall_timeout_s=stall_timeout_s,
             activity=[shard_dir],

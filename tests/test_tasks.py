@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +12,7 @@ import time
 import psutil
 import pytest
 
+from dmtp import lease
 from dmtp.cli import build_parser, config_from_args, parse_args, run_command
 from dmtp.config import (
     CollectConfig,
@@ -19,7 +22,6 @@ from dmtp.config import (
     TrainConfig,
     save_config,
 )
-from tasks import lease
 from tasks.caching import digest
 from tasks.launch import StageFailed, StageTimedOut, run_stage
 from tasks.train import train_config
@@ -100,8 +102,13 @@ def test_total_timeout(tmp_path):
 def test_lease_is_exclusive_while_its_holder_lives(tmp_path):
     path = tmp_path / "shard-0.json"
     with lease.held(path, "shard 0"):
-        with pytest.raises(lease.LeaseHeld, match="shard 0 is being written by pid"):
+        with pytest.raises(lease.LeaseHeld, match="shard 0 is being written by pid") as held:
             lease.acquire(path, "shard 0")
+    # one line naming the holder: pid, host and since when
+    message = str(held.value)
+    assert (
+        "\n" not in message and f"pid {os.getpid()} on {socket.gethostname()} since 20" in message
+    )
     assert not path.exists()  # released
     lease.acquire(path, "shard 0").release()
 
@@ -110,7 +117,7 @@ def test_a_lease_left_by_a_killed_process_is_taken_over_at_once(tmp_path):
     """SIGKILL leaves the lease file behind; the next run must not wait for it."""
     path = tmp_path / "shard-0.json"
     code = (
-        "import pathlib, time\nfrom tasks import lease\n"
+        "import pathlib, time\nfrom dmtp import lease\n"
         f"lease.acquire(pathlib.Path({str(path)!r}), 'shard 0', ttl_s=3600)\n"
         "print('held', flush=True)\ntime.sleep(120)"
     )
@@ -137,6 +144,58 @@ def test_an_expired_lease_of_another_host_is_taken_over(tmp_path):
     )
     with pytest.raises(lease.LeaseHeld):
         lease.acquire(path, "shard 1")
+
+
+def test_a_lease_is_handed_down_only_to_the_child_given_its_token(tmp_path):
+    """The collect task holds the shard's lease and runs `dmtp collect`, which takes it too."""
+    path = tmp_path / "shard-3.json"
+    code = (
+        "import pathlib\nfrom dmtp import lease\n"
+        f"taken = lease.acquire(pathlib.Path({str(path)!r}), 'shard 3')\n"
+        "taken.release()\nprint('owned' if taken.owned else 'handed down')"
+    )
+    with lease.held(path, "shard 3") as parent:
+        env = {**os.environ, **lease.handed_down_env([parent])}
+        child = subprocess.run(_python(code), env=env, capture_output=True, text=True)
+        assert child.stdout.strip() == "handed down", child.stderr
+        assert json.loads(path.read_text())["token"] == parent.token  # the child left it alone
+        other = subprocess.run(_python(code), capture_output=True, text=True)
+        assert (
+            other.returncode == 1 and "LeaseHeld: shard 3 is being written by pid" in other.stderr
+        )
+    assert not path.exists()
+
+
+def test_a_lease_file_with_junk_in_it_is_taken_over(tmp_path):
+    path = tmp_path / "shard-4.json"
+    path.write_text('{"host": "elsewh')
+    lease.acquire(path, "shard 4").release()
+
+
+def test_a_busy_shard_and_a_preempted_collection_are_retried_a_bad_input_is_not(tmp_path):
+    """The collect task's view of the faults: another writer (ShardBusy) and SIGTERM (exit 75)
+    are worth a retry; LeaseHeld is a user error when `dmtp collect` is run by hand."""
+    from types import SimpleNamespace
+
+    from tasks.collect import ShardBusy, shard_lease
+    from tasks.launch import StagePreempted, retry_unless_permanent
+
+    store = tmp_path / "out" / "collected_data_final"
+    with lease.held(lease.shard_lease_path(store, 0), f"shard 0 of {store}"):
+        with pytest.raises(ShardBusy, match=f"shard 0 of {store} is being written by pid") as busy:
+            with shard_lease(store, 0):
+                pass
+    with shard_lease(store, 0) as taken:  # free again
+        assert taken.path == tmp_path / "out" / "leases" / "shard-0.json"
+
+    def retried(error: Exception) -> bool:
+        return retry_unless_permanent(None, None, SimpleNamespace(data=error))
+
+    log = tmp_path / "collect.log"
+    assert retried(busy.value)
+    assert retried(StagePreempted("exited with code 75", returncode=75, log_path=log, tail=[]))
+    assert not retried(lease.LeaseHeld("shard 0 is being written by pid 1"))
+    assert not retried(StageFailed("exited with code 2", returncode=2, log_path=log, tail=[]))
 
 
 def test_a_held_lease_is_renewed(tmp_path):
