@@ -26,13 +26,19 @@ Durability rules, because zarr itself gives none of these:
 - Every chunk carries a crc32c checksum, so a flipped byte fails loudly instead of training on junk.
 - Writers flush whole shard files (`rows_per_file` rows); a crash loses at most the rows since the
   last flush, and `ShardWriter(resume=True)` rewinds to the last committed resume point.
+- A writer told to stop (SIGTERM) writes and commits what it has up to its last resume point and
+  drops the rest (`ShardWriter.stop_at_resume_point`).
+- A full disk fails the write (zarr writes each file aside and renames it into place, so no file
+  is left half-written) with DiskFull; the committed rows stay as they were, to be resumed.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +48,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 from dmtp.config import STORE_DIRNAME, StoreLayout
-from dmtp.errors import StoreError
+from dmtp.errors import DiskFull, StoreError
 
 SCHEMA = "dmtp.store/1"
 ARRAY_NAMES = (
@@ -389,6 +395,8 @@ def create_store(
         differences = describe_differences(store.attrs, root_attrs)
         if differences:
             raise StoreError(f"{path}: holds a store made with other settings: {differences}")
+        if not (path / "shards" / "zarr.json").exists():  # a full disk stopped its creation
+            zarr.open_group(path, mode="r+").require_group("shards")
         return store
     group = zarr.open_group(path, mode="a", attributes=root_attrs)
     group.require_group("shards")
@@ -415,6 +423,25 @@ def remove_store(path: str | Path) -> None:
         shutil.rmtree(path)
 
 
+def _disk_full_is_a_store_error(method: Callable) -> Callable:
+    """ENOSPC/EDQUOT from a ShardWriter method -> DiskFull naming the shard (one line, no
+    traceback): the store keeps its committed rows and is not marked complete."""
+
+    @functools.wraps(method)
+    def wrapper(self: ShardWriter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DiskFull(
+                f"{self.path}: {error.strerror or 'no space left on device'} writing shard "
+                f"{self.index} ({self.committed_rows:,} rows committed)"
+            ) from None
+
+    return wrapper
+
+
 class ShardWriter:
     """The single writer of one shard group. Append sequences, mark resume points, then `finish()`.
 
@@ -423,6 +450,7 @@ class ShardWriter:
     an existing shard is rewound to its committed state and appending continues from there.
     """
 
+    @_disk_full_is_a_store_error
     def __init__(self, store: Store, index: int, *, resume: bool = False):
         if not 0 <= index < store.num_shards:
             raise StoreError(f"{store.path}: no shard {index} (the store has {store.num_shards})")
@@ -430,6 +458,7 @@ class ShardWriter:
         self.index = index
         self.layout = store.layout
         self.path = store.path / "shards" / str(index)
+        self.committed_rows = 0  # read from the shard below, once it is open
         if (self.path / "zarr.json").exists() and not resume:
             raise StoreError(
                 f"{self.path}: shard {index} already exists; pass --resume to continue it or --overwrite"
@@ -529,6 +558,7 @@ class ShardWriter:
             )
         self.group.update_attributes({"n_committed": 0, "n_sequences": 0, "complete": False})
 
+    @_disk_full_is_a_store_error
     def append(self, rows: SequenceRows) -> None:
         """Append one sequence (all its rows). Flushes whole shard files as they fill."""
         n = len(rows)
@@ -558,34 +588,45 @@ class ShardWriter:
         """Everything appended so far may be committed as a unit (e.g. one finished batch)."""
         self.resume_points.append((self.total_rows, self.n_sequences))
 
+    @_disk_full_is_a_store_error
     def finish(self, extra_attrs: dict[str, Any] | None = None) -> None:
         """Write the remaining rows, commit them, and set `complete` last."""
         self.mark_resume_point()
         self._flush(final=True)
         self.group.update_attributes({**(extra_attrs or {}), "complete": True})
 
+    @_disk_full_is_a_store_error
+    def stop_at_resume_point(self) -> None:
+        """Write the rows up to the newest resume point (part of a shard file if need be), commit
+        them, and drop the rows appended after it: a batch cut short by SIGTERM. The shard stays
+        incomplete, and `ShardWriter(resume=True)` continues from that resume point."""
+        if self.resume_points:
+            self._write(max(self.resume_points[-1][0] - self.written_rows, 0))
+            self._commit()
+        self.buffer, self.buffered_rows = [], 0
+
     def _flush(self, final: bool) -> None:
-        if self.buffered_rows:
-            size = (
-                self.buffered_rows
-                if final
-                else (self.buffered_rows // self.layout.rows_per_file) * self.layout.rows_per_file
-            )
-            merged = {
-                name: np.concatenate([getattr(r, name) for r in self.buffer])
-                for name in self.row_names
-            }
-            start, stop = self.written_rows, self.written_rows + size
-            for name in self.row_names:
-                array = self.arrays[name]
-                if array.shape[0] < stop:
-                    array.resize((stop, *array.shape[1:]))
-                array[start:stop] = merged[name][:size]
-            self.written_rows = stop
-            rest = SequenceRows(**{name: merged[name][size:] for name in self.row_names})
-            self.buffer = [rest] if len(rest) else []
-            self.buffered_rows = len(rest)
+        whole_files = (self.buffered_rows // self.layout.rows_per_file) * self.layout.rows_per_file
+        self._write(self.buffered_rows if final else whole_files)
         self._commit()
+
+    def _write(self, size: int) -> None:
+        """Write the first `size` buffered rows to the arrays (not yet committed)."""
+        if size <= 0:
+            return
+        merged = {
+            name: np.concatenate([getattr(r, name) for r in self.buffer]) for name in self.row_names
+        }
+        start, stop = self.written_rows, self.written_rows + size
+        for name in self.row_names:
+            array = self.arrays[name]
+            if array.shape[0] < stop:
+                array.resize((stop, *array.shape[1:]))
+            array[start:stop] = merged[name][:size]
+        self.written_rows = stop
+        rest = SequenceRows(**{name: merged[name][size:] for name in self.row_names})
+        self.buffer = [rest] if len(rest) else []
+        self.buffered_rows = len(rest)
 
     def _commit(self) -> None:
         durable = [p for p in self.resume_points if p[0] <= self.written_rows]

@@ -314,3 +314,99 @@ def test_a_kill_before_any_file_write_is_resumed_to_a_valid_complete_shard(tmp_p
         assert shard.sequence_offsets().tolist() == [0, *np.cumsum(lengths).tolist()], k
         expected = torch.cat([lay for _, _, lay in sequences]).float().numpy()
         np.testing.assert_array_equal(shard.read_features(0, sum(lengths), [0, 2]), expected)
+
+
+def test_a_full_disk_at_any_write_is_one_error_and_resumes_to_the_clean_shard(
+    tmp_path, monkeypatch
+):
+    """ENOSPC at the k-th file write, for every k: DiskFull naming the shard, never a complete
+    shard, and after space is freed the resumed writer ends where an uninterrupted one does."""
+    import errno
+
+    from zarr.storage import _local
+
+    from dmtp.errors import DiskFull
+    from dmtp.validate import validate_store
+
+    lengths = [5, 7, 3, 9, 4, 11, 2]
+    sequences = [layered_sequence(n, i, i) for i, n in enumerate(lengths)]
+
+    def write(writer: ShardWriter) -> None:
+        for rows, _, _ in sequences[writer.n_sequences :]:
+            writer.append(rows)
+            writer.mark_resume_point()
+        writer.finish()
+
+    real_put, calls = _local._put, []
+    clean = layered_store(tmp_path / "clean")
+    monkeypatch.setattr(_local, "_put", lambda *a, **k: calls.append(1) or real_put(*a, **k))
+    write(ShardWriter(clean, 0))
+    monkeypatch.setattr(_local, "_put", real_put)
+    clean_shard = open_store(tmp_path / "clean", require_complete=True).shard(0)
+
+    for k in range(len(calls)):
+        path = tmp_path / f"full{k}"
+        store = layered_store(path)
+        done = []
+
+        def full_put(*args, k=k, done=done, **kwargs):
+            if len(done) >= k:  # the disk stays full once it is
+                raise OSError(errno.ENOSPC, "No space left on device")
+            done.append(1)
+            return real_put(*args, **kwargs)
+
+        monkeypatch.setattr(_local, "_put", full_put)
+        with pytest.raises(DiskFull, match=f"{path}/shards/0: No space left on device") as error:
+            write(ShardWriter(store, 0))
+        assert "\n" not in str(error.value)
+        monkeypatch.setattr(_local, "_put", real_put)
+        assert not open_store(path).complete
+        write(ShardWriter(open_store(path), 0, resume=True))
+        assert validate_store(path).ok, k
+        shard = open_store(path, require_complete=True).shard(0)
+        for name in (*ROW_ARRAYS, "layer_states"):
+            np.testing.assert_array_equal(shard.array(name)[:], clean_shard.array(name)[:])
+        np.testing.assert_array_equal(shard.sequence_offsets(), clean_shard.sequence_offsets())
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 4, 6])
+def test_a_writer_stopped_mid_batch_commits_the_batches_before_and_resumes(tmp_path, stop_after):
+    """SIGTERM in the middle of a batch: the batches before it are committed (even part of a
+    shard file), the batch cut short is dropped, and a resumed writer redoes it."""
+    from dmtp.validate import validate_store
+
+    lengths = [5, 7, 3, 9, 4, 11, 2]
+    sequences = [layered_sequence(n, i, i) for i, n in enumerate(lengths)]
+    batches = [sequences[0:2], sequences[2:5], sequences[5:7]]  # resume points after each
+
+    def write(writer: ShardWriter, stop_after: int | None = None) -> None:
+        appended = 0
+        done = sum(len(b) for b in batches[: [0, 2, 5, 7].index(writer.n_sequences)])
+        for batch in batches:
+            for rows, _, _ in batch:
+                if done:
+                    done -= 1
+                    continue
+                if appended == stop_after:
+                    writer.stop_at_resume_point()
+                    return
+                writer.append(rows)
+                appended += 1
+            writer.mark_resume_point()
+        writer.finish()
+
+    write(ShardWriter(layered_store(tmp_path / "clean"), 0))
+    store = layered_store(tmp_path / "stopped")
+    write(ShardWriter(store, 0), stop_after=stop_after)
+    shard = open_store(tmp_path / "stopped").shard(0)
+    committed = max((n for n in (0, 2, 5, 7) if n <= stop_after), default=0)
+    assert not shard.complete and shard.n_sequences == committed
+    assert shard.n_committed == sum(lengths[:committed])
+    report = validate_store(tmp_path / "stopped")
+    assert {finding.check for finding in report.errors} == {"incomplete"}, report.summary()
+    write(ShardWriter(open_store(tmp_path / "stopped"), 0, resume=True))
+    a = open_store(tmp_path / "clean", require_complete=True).shard(0)
+    b = open_store(tmp_path / "stopped", require_complete=True).shard(0)
+    for name in (*ROW_ARRAYS, "layer_states"):
+        np.testing.assert_array_equal(a.array(name)[:], b.array(name)[:])
+    np.testing.assert_array_equal(a.sequence_offsets(), b.sequence_offsets())
