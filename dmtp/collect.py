@@ -18,11 +18,20 @@ models whose KV cache that cannot edit (sliding-window layers) fall back to batc
 Resumable: rows are committed at run (or batch) boundaries, so after a kill `--resume` redoes at
 most the runs since the last flushed shard file, exactly as they were composed, and skips finished
 shards.
+
+Faults (issue 12), each a one-line error and a store `--resume` completes:
+- a second writer: each shard written is leased (`dmtp.lease`) before anything is loaded, so a
+  second `dmtp collect` into the same shards exits 2 naming the holder (host, pid, since when);
+- SIGTERM (spot reclaim, eviction, a stage timeout): the runs finished so far are written and
+  committed, the run in progress is dropped, and it exits 75 (`Preempted`);
+- a full disk: it says where, and how much more the store needs (`DiskFull`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import itertools
 import math
 import re
@@ -42,8 +51,9 @@ from tqdm import tqdm
 from dmtp import __version__
 from dmtp.cli import add_config_arguments, config_from_args
 from dmtp.config import CollectConfig
-from dmtp.errors import InputDataError, StoreError
+from dmtp.errors import DiskFull, InputDataError, Preempted, StoreError
 from dmtp.generation import Finished, HiddenStateCapture, RefillGenerator, refill_supported
+from dmtp.lease import held, shard_lease_path
 from dmtp.models import (
     BaseModel,
     encode_answered_chat,
@@ -52,6 +62,7 @@ from dmtp.models import (
     load_base_model,
     resolve_device,
 )
+from dmtp.preemption import StopOnSigterm
 from dmtp.prompts import Prompt, PromptFileInfo, iter_prompts, scan_prompts
 from dmtp.store import (
     SequenceRows,
@@ -60,6 +71,7 @@ from dmtp.store import (
     count_samples,
     create_store,
     describe_differences,
+    directory_bytes,
     encode_hidden_states,
     estimate_bytes_per_row,
     open_store,
@@ -534,9 +546,20 @@ def batched(items: Iterator[Prompt], size: int) -> Iterator[list[Prompt]]:
 
 
 def collect_shard(
-    config: CollectConfig, base: BaseModel, store: Store, shard_index: int, generates: bool
+    config: CollectConfig,
+    base: BaseModel,
+    store: Store,
+    shard_index: int,
+    generates: bool,
+    preemption: StopOnSigterm | None = None,
 ) -> tuple[int, int]:
-    """Fill one shard (resuming its committed rows). Returns (rows, sequences) written in total."""
+    """Fill one shard (resuming its committed rows). Returns (rows, sequences) written in total.
+
+    preemption: raises Preempted between writes on SIGTERM (see `collect`); the shard's finished
+    runs are then committed and the run in progress dropped.
+    """
+    # Without one, nothing is deferred and SIGTERM does what it did before.
+    writing = preemption.deferred if preemption is not None else contextlib.nullcontext
     if store.has_shard(shard_index) and store.shard(shard_index).complete:
         shard = store.shard(shard_index)
         print(
@@ -544,7 +567,8 @@ def collect_shard(
             file=sys.stderr,
         )
         return shard.n_committed, shard.n_sequences
-    writer = ShardWriter(store, shard_index, resume=True)
+    with writing():
+        writer = ShardWriter(store, shard_index, resume=True)
     done_sequences = writer.n_sequences
     sample_limit = (
         None if config.max_samples is None else math.ceil(config.max_samples / config.num_shards)
@@ -615,12 +639,17 @@ def collect_shard(
                 # collection then draws exactly what the interrupted one would have.
                 torch.manual_seed(config.seed * 1_000_003 + run[0].index)
                 prompts = [(p, encode_prompt(p, base.tokenizer)) for p in run]
+                # The model's work is abandoned on SIGTERM; writes finish first (`writing`).
                 for answer in generator.run(prompts, stop_admitting=limit_reached):
                     rows = answer_rows(base, answer)
-                    writer.append(rows)
+                    with writing():
+                        writer.append(rows)
                     samples += count_samples([len(rows)], config.sample_size, config.stride)
                     show_progress()
-                writer.mark_resume_point()
+                # Only here: a resumed collection re-forms runs from the prompts after the
+                # committed ones, and within a run answers are stored in the order they ended.
+                with writing():
+                    writer.mark_resume_point()
         else:
             for batch in batched(remaining, config.batch_size):
                 if limit_reached():
@@ -629,29 +658,84 @@ def collect_shard(
                     sequences = generate_batch(base, config, batch, progress, store.stored_layers)
                 else:
                     sequences = teacher_force_batch(base, batch, progress, store.stored_layers)
-                for rows in sequences:
-                    writer.append(rows)
-                writer.mark_resume_point()
+                with writing():
+                    for rows in sequences:
+                        writer.append(rows)
+                    writer.mark_resume_point()
                 samples += count_samples(
                     [len(r) for r in sequences], config.sample_size, config.stride
                 )
                 show_progress()
+    except Preempted:
+        writer.stop_at_resume_point()
+        raise
     finally:
         progress.close()
     seconds = time.perf_counter() - started
-    writer.finish(
-        {
-            "n_samples": samples,
-            "seconds": round(seconds, 3),
-            "rows_per_second": round((writer.total_rows - rows_at_start) / max(seconds, 1e-9), 1),
-            "prompts_file": Path(config.prompts_path).name,
-        }
-    )
+    with writing():
+        writer.finish(
+            {
+                "n_samples": samples,
+                "seconds": round(seconds, 3),
+                "rows_per_second": round(
+                    (writer.total_rows - rows_at_start) / max(seconds, 1e-9), 1
+                ),
+                "prompts_file": Path(config.prompts_path).name,
+            }
+        )
     return writer.total_rows, writer.n_sequences
 
 
 def collect(config: CollectConfig) -> CollectResult:
-    """Run a whole collection (all shards, or `config.shard_index`) and return its manifest."""
+    """Run a whole collection (all shards, or `config.shard_index`) and return its manifest.
+
+    Raises LeaseHeld when another live process writes one of the shards, Preempted on SIGTERM
+    (in the main thread), DiskFull when the disk fills; the store stays resumable after each.
+    """
+    shards = (
+        [config.shard_index] if config.shard_index is not None else list(range(config.num_shards))
+    )
+    stopped = (
+        f"SIGTERM: stopped collecting into {config.store_path}; rerun with --resume to continue"
+    )
+    # The SIGTERM handler goes before the leases do: a SIGTERM once the store is written has
+    # nothing left to stop (and a lease whose holder died is taken over at once).
+    with contextlib.ExitStack() as leases, StopOnSigterm(stopped) as preemption:
+        # Taken before the model loads: a second writer learns at once, not minutes later.
+        for k in shards:
+            what = f"shard {k} of {config.store_path}"
+            leases.enter_context(held(shard_lease_path(config.store_path, k), what))
+        return _collect(config, shards, preemption)
+
+
+def disk_full_message(config: CollectConfig, error: DiskFull, estimate: int) -> str:
+    """`error` and how much more space the store needs, measured against what it holds now."""
+    path = config.store_path
+    written = directory_bytes(path) if path.exists() else 0
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    return (
+        f"{error}: the store needs up to {max(estimate - written, 0) / 2**30:.2f} GiB more "
+        f"(it holds {written / 2**30:.2f} of up to {estimate / 2**30:.2f} GiB), "
+        f"{free / 2**30:.2f} GiB is free there; free space or choose another --output_dir, then "
+        "rerun with --resume"
+    )
+
+
+def preempted_message(store: Store, shard_index: int) -> str:
+    """What a SIGTERM left of shard `shard_index`, read back from the store."""
+    if not store.has_shard(shard_index):
+        return f"SIGTERM: stopped before shard {shard_index} of {store.path} was started; rerun with --resume"
+    shard = open_store(store.path).shard(shard_index)
+    return (
+        f"SIGTERM: stopped shard {shard_index} of {store.path} with {shard.n_committed:,} rows "
+        f"({shard.n_sequences} sequences) committed, the run of batches in progress dropped; "
+        "rerun with --resume to continue"
+    )
+
+
+def _collect(config: CollectConfig, shards: list[int], preemption: StopOnSigterm) -> CollectResult:
     started = time.perf_counter()
     prompts = scan_prompts(config.prompts_path)
     per_shard = config.prompts_per_shard
@@ -664,17 +748,27 @@ def collect(config: CollectConfig) -> CollectResult:
     device = resolve_device(config.device)
     base = load_base_model(config.base_model_path, device, collection_dtype(config.dtype, device))
     n_prompts, mean_prompt_tokens = check_prompt_lengths(config.prompts_path, base)
-    check_disk_space(config, base, n_prompts, mean_prompt_tokens, prompts.generates)
-    store = prepare_store(config, base, prompts)
-    shards = (
-        [config.shard_index] if config.shard_index is not None else list(range(config.num_shards))
-    )
+    estimate = check_disk_space(config, base, n_prompts, mean_prompt_tokens, prompts.generates)
     rows = sequences = 0
-    for shard_index in shards:
-        shard_rows, shard_sequences = collect_shard(
-            config, base, store, shard_index, prompts.generates
-        )
-        rows, sequences = rows + shard_rows, sequences + shard_sequences
+    try:
+        with preemption.deferred():
+            store = prepare_store(config, base, prompts)
+        for shard_index in shards:
+            try:
+                shard_rows, shard_sequences = collect_shard(
+                    config, base, store, shard_index, prompts.generates, preemption
+                )
+            except Preempted:
+                raise Preempted(preempted_message(store, shard_index)) from None
+            rows, sequences = rows + shard_rows, sequences + shard_sequences
+    except DiskFull as error:
+        raise DiskFull(disk_full_message(config, error, estimate)) from None
+    except OSError as error:
+        # The store's root and metadata, which zarr writes outside any ShardWriter.
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = DiskFull(f"{config.store_path}: {error.strerror}")
+        raise DiskFull(disk_full_message(config, where, estimate)) from None
     seconds = time.perf_counter() - started
     store = open_store(store.path)
     return CollectResult(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -480,3 +481,161 @@ def test_refilled_generation_stops_admitting_on_request(debug_model_dir):
     for answer in generator.run(prompts, stop_admitting=lambda: len(finished) >= 3):
         finished.append(answer.item)
     assert sorted(finished) == [0, 1, 2, 3]  # the two running when the third ended still finish
+
+
+# ----------------------------------------------------------------------------------------------
+# faults (issue 12): a second writer, SIGTERM, a full disk
+
+
+def _fault_args(debug_model_dir: Path, prompts: Path) -> list[str]:
+    """Three runs of 8 batches of 2 (16, 16 and 1 prompts): a SIGTERM can land between runs."""
+    return [
+        "--base_model_path",
+        str(debug_model_dir),
+        "--input_data_path",
+        str(prompts),
+        "--device",
+        "cpu",
+        "--max_new_tokens",
+        "32",
+        "--batch_size",
+        "2",
+        "--chunk_rows",
+        "8",
+        "--rows_per_file",
+        "32",
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(debug_model_dir, tmp_path_factory) -> tuple[list[str], Path]:
+    """(flags, store) of a collection that ran start to end, for the fault tests to equal."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    args = _fault_args(debug_model_dir, write_prompts(folder / "p.jsonl", PROMPTS * 3))
+    subprocess.run(
+        _cli([*args, "--output_dir", str(folder / "out")]), check=True, capture_output=True
+    )
+    return args, folder / "out"
+
+
+def assert_same_store(reference: Path, other: Path) -> None:
+    """Row for row, every array, and the same sequence boundaries."""
+    a = open_store(reference, require_complete=True).shard(0)
+    b = open_store(other, require_complete=True).shard(0)
+    assert a.n_committed == b.n_committed
+    assert np.array_equal(a.sequence_offsets(), b.sequence_offsets())
+    for name in (*ROW_ARRAYS, LAYER_STATES):
+        assert np.array_equal(a.array(name)[:], b.array(name)[:]), name
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The error lines of a run's stderr (tqdm redraws with '\\r', so split on that too)."""
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
+def test_a_second_collect_into_the_same_store_exits_2_naming_the_holder(uninterrupted, tmp_path):
+    args, reference = uninterrupted
+    out = tmp_path / "out"
+    # Started together, as in the issue (the second used to die with a zarr traceback).
+    processes = [
+        subprocess.Popen(
+            _cli([*args, "--output_dir", str(out)]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [(process, *process.communicate(timeout=300)) for process in processes]
+    assert sorted(process.returncode for process in processes) == [0, 2]
+    (winner, _, _), (_, _, stderr) = sorted(results, key=lambda r: r[0].returncode)
+    assert "Traceback" not in stderr
+    assert error_lines(stderr) == [stderr.strip().splitlines()[-1]]
+    line = error_lines(stderr)[0]
+    assert line.startswith(f"dmtp collect: error: shard 0 of {out / 'collected_data_final'} ")
+    assert f"is being written by pid {winner.pid} on {socket.gethostname()} since 20" in line
+    assert validate_store(out).ok
+    assert_same_store(reference, out)
+    assert not list((out / "leases").iterdir())  # the winner released its lease
+
+
+@pytest.mark.parametrize("when", ["during_the_first_run", "during_the_second_run"])
+def test_sigterm_exits_75_and_resume_equals_an_uninterrupted_run(when, uninterrupted, tmp_path):
+    """SIGTERM for real: the runs finished so far are committed, the one in progress dropped."""
+    args, reference = uninterrupted
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        _cli([*args, "--output_dir", str(out)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    shard_meta = out / "collected_data_final" / "shards" / "0" / "zarr.json"
+    # The first run's 16 answers are committed together, at the first file flush after it ends.
+    wanted = 0 if when == "during_the_first_run" else 16
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads(shard_meta.read_text())["attributes"]["n_sequences"] >= wanted:
+                break
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert process.poll() is None, "collection finished before SIGTERM could be sent"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert error_lines(stderr) == [stderr.strip().splitlines()[-1]]
+    assert error_lines(stderr)[0].startswith("dmtp collect: error: SIGTERM: stopped shard 0")
+    assert error_lines(stderr)[0].endswith("rerun with --resume to continue")
+
+    shard = open_store(out).shard(0)
+    assert not shard.complete and shard.n_sequences == wanted
+    report = validate_store(out)
+    assert {finding.check for finding in report.errors} == {"incomplete"}, report.summary()
+    subprocess.run(
+        _cli([*args, "--output_dir", str(out), "--resume"]), check=True, capture_output=True
+    )
+    assert_same_store(reference, out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_full_disk_is_one_line_and_resume_after_freeing_space_completes(
+    seed, uninterrupted, tmp_path, monkeypatch, capsys
+):
+    """ENOSPC from the store's file writes, from a random write on (the disk stays full)."""
+    import errno
+    import random
+
+    from zarr.storage import _local
+
+    args, reference = uninterrupted
+    real_put, calls = _local._put, []
+    monkeypatch.setattr(_local, "_put", lambda *a, **k: calls.append(1) or real_put(*a, **k))
+    assert main(["collect", *args, "--output_dir", str(tmp_path / "counted")]) == 0
+    full_from = random.Random(seed).randrange(len(calls))
+
+    def full_put(*a, **k):
+        if len(calls) >= full_from:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        calls.append(1)
+        return real_put(*a, **k)
+
+    calls.clear()
+    monkeypatch.setattr(_local, "_put", full_put)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["collect", *args, "--output_dir", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert len(error_lines(stderr)) == 1, stderr[-2000:]
+    line = error_lines(stderr)[0]
+    assert line.startswith(f"dmtp collect: error: {out / 'collected_data_final'}")
+    assert "No space left on device" in line and "GiB more" in line and "--resume" in line
+    assert not (out / "collected_data_final" / "zarr.json").exists() or not open_store(out).complete
+
+    monkeypatch.setattr(_local, "_put", real_put)  # space freed
+    assert main(["collect", *args, "--output_dir", str(out), "--resume"]) == 0
+    assert validate_store(out).ok
+    assert_same_store(reference, out)
