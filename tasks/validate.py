@@ -84,32 +84,31 @@ def _validate_check(inputs: dict[str, Any]) -> str | None:
 def validate_store(
     plan: CollectionPlan,
     shards: list[ShardManifest],
-    sample: float = 1.0,
+    sample: float | None = None,
     stall_timeout_s: float | None = 3600.0,
 ) -> StoreManifest:
     """Run `dmtp validate` over the whole store; raise StoreInvalid (no retry) when it fails.
 
     shards: the collect tasks' manifests; passing them makes validation wait for every shard.
+    sample: fraction of row blocks to decode (default: ValidateConfig's, all of them).
     """
+    from dmtp.config import ValidateConfig, save_config
+
     logger = run_logger()
     fail_once_if_requested("validate_store")
     report_path = _report_path(plan)
     report_path.unlink(missing_ok=True)
-    command = dmtp_command(
-        "validate",
-        "--data_dir",
-        str(plan.store_path),
-        "--report",
-        str(report_path),
-        "--sample",
-        str(sample),
-        "--no-progress",
+    sampled = {} if sample is None else {"sample": sample}
+    config = ValidateConfig(
+        data_dir=str(plan.store_path), report=str(report_path), progress=False, **sampled
     )
+    logs = Path(plan.output_dir) / "logs"
+    config_path = save_config(config, logs / "validate-config.json")
     try:
         run_stage(
             "validate store",
-            command,
-            log_path=Path(plan.output_dir) / "logs" / "validate.log",
+            dmtp_command("validate", "--config", str(config_path)),
+            log_path=logs / "validate.log",
             stall_timeout_s=stall_timeout_s,
             logger=logger,
         )
