@@ -333,9 +333,9 @@ def test_a_corrupted_cached_shard_is_collected_again(collected):
 def test_a_shard_killed_mid_way_is_resumed_not_restarted(
     prefect_backend, debug_model_dir, prompts, tmp_path
 ):
+    from dmtp.config import save_config
     from dmtp.store import open_store
     from flows.collect_and_train import collect
-    from dmtp.config import save_config
     from tasks.collect import collect_config, plan_collection
     from tasks.launch import dmtp_command
 
