@@ -716,11 +716,14 @@ def disk_full_message(config: CollectConfig, error: DiskFull, estimate: int) -> 
         path = path.parent
     free = shutil.disk_usage(path).free
     return (
-        f"{error}: the store needs up to {max(estimate - written, 0) / 2**30:.2f} GiB more "
-        f"(it holds {written / 2**30:.2f} of up to {estimate / 2**30:.2f} GiB), "
-        f"{free / 2**30:.2f} GiB is free there; free space or choose another --output_dir, then "
-        "rerun with --resume"
+        f"{error}: the store needs up to {_size(max(estimate - written, 0))} more (it holds "
+        f"{_size(written)} of up to {_size(estimate)}), {_size(free)} is free there; free space "
+        "or choose another --output_dir, then rerun with --resume"
     )
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def preempted_message(store: Store, shard_index: int) -> str:

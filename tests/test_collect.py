@@ -632,7 +632,8 @@ def test_a_full_disk_is_one_line_and_resume_after_freeing_space_completes(
     assert len(error_lines(stderr)) == 1, stderr[-2000:]
     line = error_lines(stderr)[0]
     assert line.startswith(f"dmtp collect: error: {out / 'collected_data_final'}")
-    assert "No space left on device" in line and "GiB more" in line and "--resume" in line
+    assert "No space left on device" in line and "MiB more (it holds" in line
+    assert line.endswith("then rerun with --resume")
     assert not (out / "collected_data_final" / "zarr.json").exists() or not open_store(out).complete
 
     monkeypatch.setattr(_local, "_put", real_put)  # space freed
