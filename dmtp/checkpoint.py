@@ -6,15 +6,17 @@
                                           (`optimizer_rank<r>.*` per rank under DeepSpeed ZeRO)
       rng_state_<rank>.safetensors, .json torch/CUDA/NumPy/Python RNG of each rank
       trainer_state.json                  step, data position, LR-scheduler scalars, MLflow run,
-                                          each other file's size and sha256; written last: a
+                                          each other file's size and crc32c; written last: a
                                           folder without it is not a checkpoint
     <output_dir>/final/                   the final head (config.json, model.safetensors)
 
 A checkpoint is written under a temporary name and renamed when complete, so a killed run or a
 full disk leaves either a whole checkpoint or none. A file damaged later (a truncated copy, a
-flipped bit) fails its recorded size or sha256, and `--resume_from_checkpoint auto` falls back to
-the newest checkpoint that passes, naming the one it skipped. The head borrows the base model's embedding and LM head, so
-`model.safetensors` and the optimizer state hold only trained tensors.
+flipped bit) fails its recorded size or crc32c, and `--resume_from_checkpoint auto` falls back to
+the newest checkpoint that passes, naming the one it skipped. crc32c, the store's checksum too, ran
+at ~3 GB/s here where sha256 managed 0.6: a 3.4 GB Qwen2.5-7B-shape checkpoint costs about a
+second to check. The head borrows the base model's embedding and LM head, so `model.safetensors`
+and the optimizer state hold only trained tensors.
 
 `dmtp.train.Trainer` decides when to save and keeps ranks in step; this module only reads and
 writes the files.
@@ -23,7 +25,6 @@ writes the files.
 from __future__ import annotations
 
 import errno
-import hashlib
 import importlib
 import json
 import random
@@ -199,19 +200,21 @@ def staging_dir(output_dir: Path, step: int) -> tuple[Path, Path]:
     return output_dir / f".{final.name}.tmp", final
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_crc32c(path: Path) -> str:
+    import crc32c
+
+    value = 0
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+            value = crc32c.crc32c(chunk, value)
+    return f"{value:08x}"
 
 
 def commit_checkpoint(tmp: Path, final: Path, state: dict[str, Any]) -> Path:
-    """Record every file's size and sha256 in the state file, write it last and rename the
+    """Record every file's size and crc32c in the state file, write it last and rename the
     finished folder into place."""
     files = {
-        path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        path.name: {"bytes": path.stat().st_size, "crc32c": file_crc32c(path)}
         for path in sorted(tmp.iterdir())
         if path.is_file()
     }
@@ -223,7 +226,7 @@ def commit_checkpoint(tmp: Path, final: Path, state: dict[str, Any]) -> Path:
 
 def checkpoint_problem(folder: Path) -> str | None:
     """Why `folder` cannot be resumed from, or None: an unreadable state file, or a file missing,
-    of another size or another sha256 than the commit recorded. A checkpoint from before checksums
+    of another size or another crc32c than the commit recorded. A checkpoint from before checksums
     is checked by opening its safetensors files."""
     from safetensors import SafetensorError, safe_open
 
@@ -246,8 +249,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != recorded["bytes"]:
             return f"{name} has {size} bytes, {recorded['bytes']} were written (truncated?)"
-        if file_sha256(path) != recorded["sha256"]:
-            return f"{name} does not match its sha256 (damaged after it was written)"
+        if file_crc32c(path) != recorded["crc32c"]:
+            return f"{name} does not match its crc32c (damaged after it was written)"
     return None
 
 

@@ -68,7 +68,7 @@ def test_only_finished_checkpoints_are_found_newest_last_and_old_ones_rotated(tm
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-30"]
     assert json.loads((tmp_path / "checkpoint-30" / STATE_FILE).read_text()) == {
         "step": 30,
-        "files": {},  # each file's size and sha256 (this folder holds none)
+        "files": {},  # each file's size and crc32c (this folder holds none)
     }
 
 
