@@ -1137,8 +1137,14 @@ def run(args: argparse.Namespace) -> int:
     from dmtp.cli import config_from_args
 
     config = config_from_args(TrainConfig, args)
-    result = train(config)
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        result = train(config)
+    except Preempted:
+        if rank == 0:
+            raise  # one line, from rank 0
+        return Preempted.exit_code
+    if rank == 0:
         print(f"head: {result.final_dir}")
         print(f"mlflow run: {result.run_id} ({result.tracking_uri})")
         print(f"browse: mlflow ui --backend-store-uri {result.tracking_uri}")

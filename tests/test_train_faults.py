@@ -259,7 +259,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(
     stderr = capsys.readouterr().err
     warnings = [line for line in stderr.splitlines() if "warning" in line]
     print(warnings)
-    reason = "has" if damage == "truncated" else "does not match its sha256"
+    reason = "has" if damage == "truncated" else "does not match its crc32c"
     assert len(warnings) == 1 and f"skipping {newest} ({victim.name} {reason}" in warnings[0]
     assert warnings[0].endswith(f"resuming from {out / 'checkpoint-8'} instead")
     assert f"resuming from {out / 'checkpoint-8'} at step 8" in stderr
@@ -322,3 +322,65 @@ def test_the_train_task_turns_sigterm_into_a_retryable_preemption_and_the_retry_
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("dmtp").experiment_id])
     assert run.info.run_id == head.mlflow_run_id and run.info.status == "FINISHED"
+
+
+def test_a_real_full_disk_stops_training_with_one_line_and_resume_completes(
+    tiny_store, uninterrupted, tmp_path
+):
+    """The same on a real 512 KiB tmpfs (root only): the first checkpoint fits, the second does
+    not; safetensors reports ENOSPC in its own error type. Then the filesystem grows ("space is
+    freed") and the resume completes the uninterrupted curve."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        out = disk / "out"
+        with pytest.raises(DiskFull) as full:
+            train(_config(tiny_store, out))
+        print(full.value)
+        assert "\n" not in str(full.value) and f"of {out} for checkpoint-8 " in str(full.value)
+        assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-4"]
+        assert not list(out.glob(".*.tmp")) and not (out / "final").exists()
+
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        resumed = train(_config(tiny_store, out, resume_from_checkpoint="auto"))
+        _assert_same_curve(resumed, uninterrupted)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_training_killed_before_its_first_checkpoint_resumes_into_the_same_mlflow_run(
+    tiny_store, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    config = _config(tiny_store, out, tracking_uri, max_steps=4, save_steps=1000)
+    process = subprocess.run(
+        [sys.executable, "-m", "dmtp.train", *_flags(config)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "DMTP_TEST_KILL_AT_STEP": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    assert not checkpoint.list_checkpoints(out)
+
+    resumed = train(
+        _config(
+            tiny_store,
+            out,
+            tracking_uri,
+            max_steps=4,
+            save_steps=1000,
+            resume_from_checkpoint="auto",
+        )
+    )
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(str(out)).experiment_id])
+    assert run.info.run_id == resumed.run_id and run.info.status == "FINISHED"
