@@ -328,8 +328,8 @@ def test_a_real_full_disk_stops_training_with_one_line_and_resume_completes(
     tiny_store, uninterrupted, tmp_path
 ):
     """The same on a real 512 KiB tmpfs (root only): the first checkpoint fits, the second does
-    not; safetensors reports ENOSPC in its own error type. Then the filesystem grows ("space is
-    freed") and the resume completes the uninterrupted curve."""
+    not. Then the filesystem grows ("space is freed") and the resume completes the uninterrupted
+    curve."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(
@@ -342,6 +342,7 @@ def test_a_real_full_disk_stops_training_with_one_line_and_resume_completes(
         with pytest.raises(DiskFull) as full:
             train(_config(tiny_store, out))
         print(full.value)
+        assert checkpoint.is_disk_full(full.value.__cause__)
         assert "\n" not in str(full.value) and f"of {out} for checkpoint-8 " in str(full.value)
         assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-4"]
         assert not list(out.glob(".*.tmp")) and not (out / "final").exists()
