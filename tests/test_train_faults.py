@@ -385,3 +385,57 @@ def test_a_training_killed_before_its_first_checkpoint_resumes_into_the_same_mlf
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(str(out)).experiment_id])
     assert run.info.run_id == resumed.run_id and run.info.status == "FINISHED"
+
+
+def _losses(out: Path) -> dict[int, float]:
+    lines = (out / LOG_FILE).read_text().splitlines()
+    return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step(tiny_store, tmp_path):
+    """torchrun, 2 CPU ranks, SIGTERM to rank 1 only: the ranks agree on the step, both save into
+    one checkpoint, rank 0 alone reports it; the resumed run's losses equal an uninterrupted 2-rank
+    run's."""
+    import psutil
+
+    def torchrun(out: Path, *extra: str) -> subprocess.Popen:
+        config = _config(tiny_store, out, per_device_train_batch_size=8, save_steps=1000)
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", "-m", "dmtp.train", *_flags(config), "--train_ratio=0.75",
+             *extra],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    reference = torchrun(tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()[-3000:]
+
+    out = tmp_path / "out"
+    process = torchrun(out)
+    signal_after = random.randint(2, 9)
+    deadline = time.monotonic() + 240
+    while _logged_step(out) < signal_after and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    (rank1,) = [
+        child
+        for child in psutil.Process(process.pid).children()
+        if child.environ().get("RANK") == "1"
+    ]
+    rank1.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0  # torchrun: 1, whatever its ranks exit with
+    (saved,) = checkpoint.list_checkpoints(out)
+    step = checkpoint.checkpoint_step(saved)
+    print(f"SIGTERM to rank 1 after step {signal_after}: both ranks saved checkpoint-{step}")
+    assert signal_after <= step < STEPS
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= {
+        p.name for p in saved.iterdir()
+    }
+    assert output.count("dmtp train: error: SIGTERM at step") == 1, output[-3000:]
+    assert "exitcode  : 75" in output  # torchrun's report of each rank's exit
+
+    resumed = torchrun(out, "--resume_from_checkpoint=auto")
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()[-3000:]
+    assert _losses(out) == _losses(tmp_path / "reference")
