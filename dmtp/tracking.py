@@ -16,12 +16,17 @@ A training run holds:
   flow run's id, name and deployment there, and pass the flow run's name as `run_name`);
 - checkpoints only with `--mlflow_log_checkpoints`: they stay local by default.
 
+Training never waits on the tracking server: metrics go through a `dmtp.outbox.MetricOutbox`
+(a background thread, a bounded buffer, a spill file in the output_dir while the server is down).
+The run's end waits at most `--mlflow_flush_timeout_s` for them, and says what is left and where.
+
 mlflow is imported inside the functions: the flows import this module to resolve the URI, and
 importing the flows must stay light (tests/test_layering.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +40,7 @@ from typing import Any
 
 from dmtp.config import STORE_DIRNAME, TrainConfig
 from dmtp.errors import DmtpError
+from dmtp.outbox import SPILL_FILE, MetricOutbox
 
 TRACKING_DB = "mlflow.db"
 ARTIFACTS_DIRNAME = "mlartifacts"  # beside a SQLite tracking store, as `mlflow server` keeps them
@@ -236,12 +242,40 @@ class _HeadFlavor:
 # a training run (rank 0 only)
 
 
+@contextlib.contextmanager
+def _fail_fast() -> Any:
+    """MLflow HTTP calls without retries and with a short timeout, for a server known to be
+    down: they fail at once instead of after MLflow's retry budget (minutes by default)."""
+    saved = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class Tracker:
-    """One MLflow run per training (continued on resume); every call is a no-op off rank 0."""
+    """One MLflow run per training (continued on resume); every call is a no-op off rank 0.
+
+    Only `start` (creating or continuing the run) waits on the server. Metrics go through an
+    outbox; the head and checkpoints are uploaded only while the server answers, and a failed
+    upload costs a warning, not the training.
+    """
 
     def __init__(self, config: TrainConfig, enabled: bool):
         self.enabled = enabled
         self.run_id: str | None = None
+        self.outbox: MetricOutbox | None = None
+        self.spill_path = Path(config.output_dir).resolve() / SPILL_FILE
+        self.flush_timeout_s = config.mlflow_flush_timeout_s
+        self._flush_deadline: float | None = None
         self.tracking_uri = resolve_tracking_uri(
             config.mlflow_tracking_uri, Path(config.output_dir).resolve().parent
         )
@@ -291,6 +325,10 @@ class Tracker:
             log_system_metrics=True,
         )
         self.run_id = run.info.run_id
+        # Also delivers what an earlier training in this output_dir left in the spill file.
+        self.outbox = MetricOutbox(
+            self.tracking_uri, self.spill_path, current_run_id=self.run_id, name="dmtp train"
+        )
         if run_id is None:
             mlflow.log_params({k: param_value(v) for k, v in params.items()})
             if store_path is not None:
@@ -300,12 +338,36 @@ class Tracker:
         mlflow.set_tags({**tags, **run_tags_from_environment()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled and self.run_id:
-            self.mlflow.log_metrics(metrics, step=step)
+        """Queue `metrics` at `step` for MLflow; returns at once, whatever the server does."""
+        if self.enabled and self.outbox is not None:
+            self.outbox.put(self.run_id, metrics, step)
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
-        if self.enabled and self.run_id:
+        """Upload a folder (a checkpoint) while the server answers; else it stays local."""
+        if not (self.enabled and self.outbox is not None):
+            return
+        if self.outbox.down:
+            self._warn(
+                f"{folder} is not uploaded to MLflow (the server is unreachable); it stays local"
+            )
+            return
+        try:
             self.mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+        except Exception as error:  # the server went away: the files are safe on disk
+            self._warn(f"uploading {folder} to MLflow failed ({error}); it stays local")
+
+    def flush(self) -> bool:
+        """Wait for the waiting metrics to reach MLflow; True if they did. The first call starts
+        the run's end: all calls together wait at most `flush_timeout_s`."""
+        if self.outbox is None:
+            return True
+        if self._flush_deadline is None:
+            self._flush_deadline = time.monotonic() + self.flush_timeout_s
+        return self.outbox.flush(self._flush_deadline - time.monotonic())
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        print(f"dmtp train: warning: {message}", file=sys.stderr, flush=True)
 
     def log_head(
         self,
@@ -323,6 +385,26 @@ class Tracker:
         """
         if not (self.enabled and self.run_id):
             return {}
+        # The model links the run's metrics at `step`: they must be in MLflow first.
+        if not self.flush():
+            self._warn(
+                f"the head is not logged to MLflow (the server at {self.tracking_uri} is "
+                f"unreachable); it is at {head_dir}"
+            )
+            return {}
+        try:
+            return self._log_head(head_dir, step, registered_name, version_tags)
+        except Exception as error:  # the server went away meanwhile: the head is on disk
+            self._warn(f"logging the head to MLflow failed ({error}); it is at {head_dir}")
+            return {}
+
+    def _log_head(
+        self,
+        head_dir: Path,
+        step: int,
+        registered_name: str | None,
+        version_tags: dict[str, str] | None,
+    ) -> dict[str, Any]:
         from mlflow.models import Model
 
         mlflow = self.mlflow
@@ -362,11 +444,58 @@ class Tracker:
         }
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the run: wait (bounded) for the waiting metrics, then say what is left, and where."""
         if not self.enabled:
             return
-        if self.run_id:
+        if self.run_id and self.outbox is not None:
+            self.flush()  # starts the run's end, if log_head has not
+            report = self.outbox.close(self._flush_deadline - time.monotonic())
+            ended = False
+            if report.complete:
+                try:
+                    self.mlflow.end_run(status=status)
+                    ended = True
+                except Exception:  # the server went away just now
+                    pass
+            if not ended:
+                self.outbox.spill_end(self.run_id, status)
+                self._let_go_of_run(status)
+            self.outbox = None
+            self._say(report, status, ended)
+        elif self.run_id:
             self.mlflow.end_run(status=status)
         self.mlflow.set_tracking_uri(self._previous_uri)
+
+    def _let_go_of_run(self, status: str) -> None:
+        """This process lets go of its active run without waiting on MLflow's retries: the
+        server is down (the run's end is in the spill file)."""
+        from mlflow.tracking import fluent
+
+        # Its system metrics monitor stops by itself once the server does not answer.
+        fluent.run_id_to_system_metrics_monitor.pop(self.run_id, None)
+        with _fail_fast(), contextlib.suppress(Exception):
+            self.mlflow.end_run(status=status)  # pops the active run, then fails to reach it
+
+    def _say(self, report: Any, status: str, ended: bool) -> None:
+        if report.left or not ended:
+            what = f"{report.left} metric points" + (
+                "" if ended else f" and the run's end ({status})"
+            )
+            print(
+                f"dmtp train: MLflow at {self.tracking_uri} did not take {what} within "
+                f"{self.flush_timeout_s:g} s (--mlflow_flush_timeout_s); they wait in "
+                f"{report.spill_path}: `python -m dmtp.outbox {report.spill_path}` delivers them "
+                "once the server answers (so does the next `dmtp train` in this output_dir)",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif report.down_seconds:
+            print(
+                f"dmtp train: MLflow at {self.tracking_uri} was unreachable for "
+                f"{report.down_seconds:.0f} s; all {report.sent} metric points reached it",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 # ----------------------------------------------------------------------------------------------
