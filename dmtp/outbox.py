@@ -220,7 +220,8 @@ class MetricOutbox:
             else:
                 self._buffer.append(batch)
                 self._buffered += len(batch.points)
-                self._lock.notify_all()
+                if self._down_since is None:  # while it is down, the thread wakes on its own
+                    self._lock.notify_all()
 
     def spill_end(self, run_id: str, status: str) -> None:
         """Record the end of `run_id` in the spill file, for whoever delivers it (the server
@@ -431,8 +432,8 @@ class MetricOutbox:
             seconds = time.monotonic() - self._outage_started
             self._outage_started = None
         print(
-            f"{self.name}: MLflow at {self.tracking_uri} takes metrics again after {seconds:.0f} "
-            f"s; the points that waited in {self.spill_path} go out first",
+            f"{self.name}: MLflow at {self.tracking_uri} takes metrics again, {seconds:.0f} s "
+            f"after it stopped; the points that waited in {self.spill_path} went out first",
             file=sys.stderr,
             flush=True,
         )

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -63,3 +67,62 @@ def local_stack(scratch: Path, **settings: str) -> Iterator[dict[str, str]]:
             if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
         ]
         assert not alive, f"still running after deploy/down.sh: {alive}"
+
+
+class MlflowServer:
+    """`mlflow server --workers 1` on 127.0.0.1, as deploy/up.sh starts it (a SQLite store and
+    proxied artifacts in `root`), alone: for tests that kill it and start it again on the same
+    store. Its own session, so `kill` takes its worker processes too."""
+
+    def __init__(self, root: Path, port: int | None = None, niceness: int = 0):
+        self.root = root
+        self.niceness = niceness  # >0: yields the CPU to the test's own processes
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120) -> float:
+        """Start it and wait for /health; returns the seconds that took."""
+        started = time.monotonic()
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "server.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    "nice", "-n", str(self.niceness),
+                    sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--workers", "1",
+                    "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                    "--artifacts-destination", str(self.root / "mlartifacts"),
+                ],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            )  # fmt: skip
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() - started > timeout_s:
+                log_text = (self.root / "server.log").read_text()[-3000:]
+                self.kill()
+                raise RuntimeError(f"mlflow server did not start:\n{log_text}")
+            time.sleep(0.25)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers, as a crashed host or an OOM kill would."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> MlflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
