@@ -219,3 +219,56 @@ def test_training_keeps_its_pace_through_an_mlflow_outage_and_loses_no_point(tmp
         assert summary.get("mlflow_model_id"), summary  # the head was logged after the outage
     finally:
         server.kill()
+
+
+def test_a_run_that_ends_while_the_server_is_down_says_so_and_is_delivered_later(
+    tmp_path, monkeypatch, capsys
+):
+    """The run's end waits --mlflow_flush_timeout_s, not MLflow's retries; its points and its
+    end go to the spill file; `python -m dmtp.outbox` delivers them once the server is back."""
+    from mlflow.tracking import MlflowClient
+
+    from dmtp.config import TrainConfig
+    from dmtp.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    try:
+        config = TrainConfig(
+            output_dir=str(tmp_path / "heads" / "run"),
+            mlflow_tracking_uri=server.url,
+            experiment_name="ends-in-outage",
+            mlflow_flush_timeout_s=2,
+        )
+        tracker = Tracker(config, enabled=True)
+        tracker.start(config, None, {"lr": 1e-3}, {})
+        for step in range(1, 6):
+            tracker.log_metrics({"train/loss": 1.0 / step}, step)
+        assert tracker.flush()
+        server.kill()
+        for step in range(6, 11):
+            tracker.log_metrics({"train/loss": 1.0 / step}, step)
+        started = time.monotonic()
+        tracker.finish()
+        assert time.monotonic() - started < 15  # 2 s of waiting, not minutes of retries
+        said = capsys.readouterr().err
+        assert "did not take 5 metric points and the run's end (FINISHED)" in said, said
+        spill = tmp_path / "heads" / "run" / SPILL_FILE
+        assert f"python -m dmtp.outbox {spill}" in said
+
+        server.start()
+        delivered = subprocess.run(
+            [sys.executable, "-m", "dmtp.outbox", str(spill)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert delivered.returncode == 0, delivered.stderr
+        client = MlflowClient(server.url)
+        history = client.get_metric_history(tracker.run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, 11))
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+        assert not spill.exists()
+    finally:
+        server.kill()
