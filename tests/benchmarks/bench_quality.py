@@ -152,7 +152,8 @@ def train_head(
 
 
 def replay_heads(args: argparse.Namespace, heads: dict[str, dict]) -> dict:
-    """Every head, prompt lookup and lookup_head replayed on the held-out greedy store."""
+    """Every head, prompt lookup, lookup_head and the lookup&head tree replayed on the held-out
+    greedy store."""
     from dmtp.head import load_base_model_parts, load_head
     from dmtp.replay import replay_store
 
@@ -164,6 +165,7 @@ def replay_heads(args: argparse.Namespace, heads: dict[str, dict]) -> dict:
         figures = replay_store(head, args.replay_dir, max_new_tokens=args.max_new_tokens)
         results[name] = figures["head"]
         results[f"{name}+lookup"] = figures["lookup_head"]
+        results[f"{name}&lookup tree"] = figures["lookup_and_head"]
         results.setdefault("prompt_lookup", figures["prompt_lookup"])
     return results
 
