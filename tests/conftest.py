@@ -28,6 +28,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Every test computes on one thread: on a shared 2-core box two threads spin-wait each other
+    (a 20k-parameter training step takes 100 ms instead of 7). Subprocesses get OMP_NUM_THREADS=1."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def debug_model_dir(tmp_path_factory) -> Path:
     """An HF folder holding a tiny random Qwen2ForCausalLM (float32) and its ChatML tokenizer."""

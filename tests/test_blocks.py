@@ -19,14 +19,6 @@ LENGTHS = [30, 7, 45, 12, 2, 19, 1]
 GENERATED_FROM = [0, 3, 10, 12, 0, 5, 0]  # sequence 3 is all prompt (teacher-forced)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("blocks") / "data"

@@ -191,22 +191,7 @@ def _cli(args: list[str]) -> list[str]:
 
 def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(debug_model_dir, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 2)
-    common = [
-        "--base_model_path",
-        str(debug_model_dir),
-        "--input_data_path",
-        str(prompts),
-        "--device",
-        "cpu",
-        "--max_new_tokens",
-        "32",
-        "--batch_size",
-        "2",
-        "--chunk_rows",
-        "8",
-        "--rows_per_file",
-        "32",
-    ]
+    common = collect_args(debug_model_dir, prompts)
     reference = tmp_path / "reference"
     subprocess.run(_cli([*common, "--output_dir", str(reference)]), check=True, capture_output=True)
 
@@ -487,8 +472,9 @@ def test_refilled_generation_stops_admitting_on_request(debug_model_dir):
 # faults (issue 12): a second writer, SIGTERM, a full disk
 
 
-def _fault_args(debug_model_dir: Path, prompts: Path) -> list[str]:
-    """Three runs of 8 batches of 2 (16, 16 and 1 prompts): a SIGTERM can land between runs."""
+def collect_args(debug_model_dir: Path, prompts: Path) -> list[str]:
+    """Small batches and files, so a kill or a fault lands between many commits (with the fault
+    tests' prompts: three runs of 8 batches of 2, so a SIGTERM can land between runs)."""
     return [
         "--base_model_path",
         str(debug_model_dir),
@@ -511,7 +497,7 @@ def _fault_args(debug_model_dir: Path, prompts: Path) -> list[str]:
 def uninterrupted(debug_model_dir, tmp_path_factory) -> tuple[list[str], Path]:
     """(flags, store) of a collection that ran start to end, for the fault tests to equal."""
     folder = tmp_path_factory.mktemp("uninterrupted")
-    args = _fault_args(debug_model_dir, write_prompts(folder / "p.jsonl", PROMPTS * 3))
+    args = collect_args(debug_model_dir, write_prompts(folder / "p.jsonl", PROMPTS * 3))
     subprocess.run(
         _cli([*args, "--output_dir", str(folder / "out")]), check=True, capture_output=True
     )

@@ -4,22 +4,11 @@ adds shards to the same store and recollects none of those it has."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from dmtp.cli import main
 from dmtp.collect import collect, shard_prompts
 from dmtp.store import ROW_ARRAYS, open_store
 from tests.test_collect import PROMPTS, config, write_prompts
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_fixed_shards_hold_consecutive_prompts(tmp_path):

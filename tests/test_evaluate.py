@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from dmtp import evaluate as evaluate_module
 from dmtp.cli import main
@@ -39,14 +38,6 @@ RECORDS = [
         "length": 50,
     },
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core box: more threads only spin-wait
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -45,14 +45,6 @@ QUESTIONS = [
 HELD_OUT = ["Please write a story of 500 words about a lighthouse keeper."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core box: more threads only spin-wait
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dflash():
     try:

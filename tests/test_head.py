@@ -32,14 +32,6 @@ DFLASH_TENSORS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core box: more threads only spin-wait
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base_parts(debug_model_dir):
     return load_base_model_parts(str(debug_model_dir), layers=[1])

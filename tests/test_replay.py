@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from dflash_oracle import fit_head
 from transformers import AutoModelForCausalLM
 
@@ -32,14 +31,6 @@ PROMPTS = [
     "Hi",
     "Describe the quick brown fox, then the lazy dog, then both together.",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

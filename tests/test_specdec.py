@@ -53,14 +53,6 @@ MASK = 319  # a base token id, as plan_training picks one
 LAYERS = [1, 2]  # output_hidden_states indices of the 2-layer debug model (2 = the final state)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core box: more threads only spin-wait
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def untrained_head(debug_model_dir):
     """A random head that borrows the tiny model's embedding and LM head."""

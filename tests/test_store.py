@@ -263,6 +263,22 @@ class Killed(BaseException):
     """A SIGKILL stand-in: nothing after it runs, not even `finally` blocks that catch Exception."""
 
 
+# Uneven sequence lengths: the fault tests' commits land inside and across the store's files.
+FAULT_LENGTHS = [5, 7, 3, 9, 4, 11, 2]
+
+
+def fault_sequences() -> list:
+    return [layered_sequence(n, i, i) for i, n in enumerate(FAULT_LENGTHS)]
+
+
+def write_from_resume_point(writer: ShardWriter, sequences: list) -> None:
+    """Append the sequences the shard does not hold yet, one resume point each, and finish."""
+    for rows, _, _ in sequences[writer.n_sequences :]:
+        writer.append(rows)
+        writer.mark_resume_point()
+    writer.finish()
+
+
 def test_a_kill_before_any_file_write_is_resumed_to_a_valid_complete_shard(tmp_path, monkeypatch):
     """Kill the writer before its k-th file write, for every k (every commit boundary and every
     moment between a row write and its commit); the resumed writer must always end with a shard
@@ -271,14 +287,10 @@ def test_a_kill_before_any_file_write_is_resumed_to_a_valid_complete_shard(tmp_p
 
     from dmtp.validate import validate_store
 
-    lengths = [5, 7, 3, 9, 4, 11, 2]
-    sequences = [layered_sequence(n, i, i) for i, n in enumerate(lengths)]
+    sequences = fault_sequences()
 
     def write(writer: ShardWriter) -> None:
-        for rows, _, _ in sequences[writer.n_sequences :]:
-            writer.append(rows)
-            writer.mark_resume_point()
-        writer.finish()
+        write_from_resume_point(writer, sequences)
 
     real_put, calls = _local._put, []
 
@@ -311,9 +323,9 @@ def test_a_kill_before_any_file_write_is_resumed_to_a_valid_complete_shard(tmp_p
         report = validate_store(path)
         assert report.ok, f"killed before write {k}: {report.summary()}"
         shard = open_store(path, require_complete=True).shard(0)
-        assert shard.sequence_offsets().tolist() == [0, *np.cumsum(lengths).tolist()], k
+        assert shard.sequence_offsets().tolist() == [0, *np.cumsum(FAULT_LENGTHS).tolist()], k
         expected = torch.cat([lay for _, _, lay in sequences]).float().numpy()
-        np.testing.assert_array_equal(shard.read_features(0, sum(lengths), [0, 2]), expected)
+        np.testing.assert_array_equal(shard.read_features(0, sum(FAULT_LENGTHS), [0, 2]), expected)
 
 
 def test_a_full_disk_at_any_write_is_one_error_and_resumes_to_the_clean_shard(
@@ -328,14 +340,10 @@ def test_a_full_disk_at_any_write_is_one_error_and_resumes_to_the_clean_shard(
     from dmtp.errors import DiskFull
     from dmtp.validate import validate_store
 
-    lengths = [5, 7, 3, 9, 4, 11, 2]
-    sequences = [layered_sequence(n, i, i) for i, n in enumerate(lengths)]
+    sequences = fault_sequences()
 
     def write(writer: ShardWriter) -> None:
-        for rows, _, _ in sequences[writer.n_sequences :]:
-            writer.append(rows)
-            writer.mark_resume_point()
-        writer.finish()
+        write_from_resume_point(writer, sequences)
 
     real_put, calls = _local._put, []
     clean = layered_store(tmp_path / "clean")
@@ -375,8 +383,7 @@ def test_a_writer_stopped_mid_batch_commits_the_batches_before_and_resumes(tmp_p
     shard file), the batch cut short is dropped, and a resumed writer redoes it."""
     from dmtp.validate import validate_store
 
-    lengths = [5, 7, 3, 9, 4, 11, 2]
-    sequences = [layered_sequence(n, i, i) for i, n in enumerate(lengths)]
+    sequences = fault_sequences()
     batches = [sequences[0:2], sequences[2:5], sequences[5:7]]  # resume points after each
 
     def write(writer: ShardWriter, stop_after: int | None = None) -> None:
@@ -401,7 +408,7 @@ def test_a_writer_stopped_mid_batch_commits_the_batches_before_and_resumes(tmp_p
     shard = open_store(tmp_path / "stopped").shard(0)
     committed = max((n for n in (0, 2, 5, 7) if n <= stop_after), default=0)
     assert not shard.complete and shard.n_sequences == committed
-    assert shard.n_committed == sum(lengths[:committed])
+    assert shard.n_committed == sum(FAULT_LENGTHS[:committed])
     report = validate_store(tmp_path / "stopped")
     assert {finding.check for finding in report.errors} == {"incomplete"}, report.summary()
     write(ShardWriter(open_store(tmp_path / "stopped"), 0, resume=True))

@@ -29,16 +29,6 @@ HIDDEN, VOCAB = 32, 16
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core box spin-wait each other: a 20k-parameter step takes 100 ms
-    # instead of 7. One thread is also what the subprocesses below get (OMP_NUM_THREADS=1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory) -> str:
     """One SQLite tracking store for the module: creating its tables takes seconds."""

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dmtp import checkpoint
 from dmtp.cli import run_command
@@ -27,15 +26,6 @@ from dmtp.train import LOG_FILE, train
 
 HIDDEN, VOCAB = 32, 16
 STEPS = 16  # 7 steps per epoch on the tiny store: a resume crosses epoch boundaries
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on a shared 2-core box spin-wait each other (see test_train.py)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
