@@ -381,6 +381,12 @@ class EvalConfig:
         "auto",
         "base model dtype: auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32",
     )
+    packed_linears: bool = option(
+        True,
+        "on a CPU, run the base model's and the head's linear layers with weights prepacked for "
+        "oneDNN, so verifying a few tokens costs about what one does (dmtp/kernels.py); the same "
+        "math, still lossless",
+    )
     warmup_tokens: int = option(
         16,
         "tokens decoded each way before timing starts (first calls allocate and warm caches)",

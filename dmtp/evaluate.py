@@ -205,6 +205,7 @@ def load_head_drafter(config: EvalConfig, base: BaseModel) -> tuple[HeadDrafter,
         base_vocab_size=base.vocab_size,
         denoising_steps=config.denoising_steps,
         first_position=config.first_position,
+        packed=config.packed_linears,
     )
     info = {
         "path": str(path),
@@ -599,6 +600,7 @@ def log_evaluation_to_mlflow(
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole evaluation of `config`; every input is checked before any decoding."""
+    from dmtp.kernels import pack_linears
     from dmtp.models import load_base_model
     from dmtp.prompts import scan_prompts
     from dmtp.tracking import resolve_tracking_uri
@@ -616,6 +618,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if config.mlflow_run_id and not tracking_uri:
         raise DmtpError("--mlflow_run_id needs --mlflow_tracking_uri (or $MLFLOW_TRACKING_URI)")
     base = load_base_model(config.base_model_path, config.device, config.dtype)
+    if config.packed_linears:
+        pack_linears(base.model)  # greedy and every drafter verify on the same layers
 
     drafters: dict[str, Drafter] = {}
     head_info = None

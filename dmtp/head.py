@@ -340,15 +340,19 @@ class MTPHeadModel(PreTrainedModel):
     def draft_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., V_draft]: logits over the draft vocabulary (all tokens when it is None).
         Index i is token `draft_token_ids()[i]`."""
-        ids = self.draft_token_ids(hidden_states.device)
+        return F.linear(hidden_states, self.draft_weight(hidden_states.device, hidden_states.dtype))
+
+    def draft_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`[V_draft, H]` the LM head's rows of the draft vocabulary (all rows when it is None)."""
+        weight = self._base_weights(device, dtype)[1]
+        ids = self.draft_token_ids(device)
         if ids is None:
-            return self.compute_logits(hidden_states)
-        weight = self._base_weights(hidden_states.device, hidden_states.dtype)[1]
+            return weight
         cached = self.__dict__.get("_draft_rows")
         if cached is None or cached.device != weight.device or cached.dtype != weight.dtype:
             cached = weight.index_select(0, ids)
             self.__dict__["_draft_rows"] = cached
-        return F.linear(hidden_states, cached)
+        return cached
 
     def draft_token_ids(self, device: torch.device | None = None) -> torch.Tensor | None:
         if self.config.draft_vocab is None:

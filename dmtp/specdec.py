@@ -392,8 +392,10 @@ class HeadDrafter:
         base_vocab_size: int,
         denoising_steps: int = 1,
         first_position: str = "clean",
+        packed: bool = False,
     ):
         from dmtp.head import DraftCache
+        from dmtp.kernels import pack_linears, pack_matrix
 
         if first_position not in ("clean", "masked"):
             raise ValueError(f"first_position must be clean or masked, got {first_position!r}")
@@ -411,6 +413,12 @@ class HeadDrafter:
         self.feature_layers = list(head.config.feature_layers)
         parameter = next(head.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        # The head's logits over its draft vocabulary; on a CPU with `packed`, every matrix the
+        # head reads prepacked for oneDNN (dmtp.kernels), as the base model's are.
+        self._logits = head.draft_logits
+        if packed:
+            pack_linears(head)
+            self._logits = pack_matrix(head.draft_weight(self.device, self.dtype))
         self._new_cache = lambda: DraftCache(head.config.num_hidden_layers)
         self.cache = self._new_cache()
 
@@ -420,7 +428,7 @@ class HeadDrafter:
     def _token_logits(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Head logits `[L, V_draft]` over tokens it may draft, and their token ids (None: index = id)."""
         ids = self.head.draft_token_ids(states.device)
-        logits = self.head.draft_logits(states).float()
+        logits = self._logits(states).float()
         # An own-vocabulary head's extra mask row is no base token. A borrowed mask id is a real
         # token and may be drafted, as dflash_generate does.
         return (logits[:, : self.base_vocab_size] if ids is None else logits), ids

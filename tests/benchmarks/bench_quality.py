@@ -42,6 +42,7 @@ import torch
 
 from dmtp.config import DEMO_EVAL_PROMPTS, DataConfig, EvalConfig, TrainConfig
 from dmtp.evaluate import decode_prompts, load_eval_prompts, load_head_drafter, summarize
+from dmtp.kernels import pack_linears
 from dmtp.models import load_base_model
 from dmtp.specdec import PromptLookupDrafter
 from dmtp.train import train
@@ -191,6 +192,8 @@ def print_replay_table(results: dict, heads: dict[str, dict], answers: int) -> N
 
 def evaluate_heads(args: argparse.Namespace, heads: dict[str, dict]) -> dict:
     base = load_base_model(args.base_model_path, device=args.device)
+    if EvalConfig.packed_linears:  # as `dmtp evaluate` decodes (dmtp/kernels.py)
+        pack_linears(base.model)
     results = {}
     for source in args.eval_prompts:
         config = EvalConfig(

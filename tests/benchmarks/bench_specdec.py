@@ -33,6 +33,7 @@ import torch
 from dmtp.config import DEMO_EVAL_PROMPTS, EvalConfig
 from dmtp.evaluate import build_result, decode_prompts, load_eval_prompts, load_head_drafter
 from dmtp.head import build_head, load_base_model_parts
+from dmtp.kernels import pack_linears
 from dmtp.models import load_base_model
 from dmtp.specdec import Drafter, HeadDrafter, PromptLookupDrafter
 
@@ -47,7 +48,9 @@ def machine() -> str:
     )
 
 
-def untrained_like(head_drafter: HeadDrafter, base_model_path: str | None) -> HeadDrafter:
+def untrained_like(
+    head_drafter: HeadDrafter, base_model_path: str | None, packed: bool
+) -> HeadDrafter:
     """A fresh head of the trained one's shape: the same base embedding and LM head (or, for a head
     of its own vocabulary, random ones), the same feature layers, random layers."""
     config = head_drafter.head.config
@@ -65,7 +68,11 @@ def untrained_like(head_drafter: HeadDrafter, base_model_path: str | None) -> He
     )
     head.to(device=head_drafter.device, dtype=head_drafter.dtype).eval()
     return HeadDrafter(
-        head, head_drafter.block_length, config.mask_token_id, head_drafter.base_vocab_size
+        head,
+        head_drafter.block_length,
+        config.mask_token_id,
+        head_drafter.base_vocab_size,
+        packed=packed,
     )
 
 
@@ -131,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt_lookup_max_ngram", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--packed_linears",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a CPU, oneDNN-prepacked linear layers (dmtp/kernels.py; bench_kernels.py compares)",
+    )
     parser.add_argument("--warmup_tokens", type=int, default=16)
     parser.add_argument("--output", default=None, help="also write the results as JSON")
     parser.add_argument(
@@ -156,12 +169,15 @@ def main(argv: list[str] | None = None) -> int:
             block_length=args.block_length,
             device=args.device,
             dtype=args.dtype,
+            packed_linears=args.packed_linears,
             warmup_tokens=args.warmup_tokens,
         )
         print(f"machine: {machine()}, load average {os.getloadavg()[0]:.1f}", flush=True)
         base = load_base_model(config.base_model_path, config.device, config.dtype)
+        packed = pack_linears(base.model) if config.packed_linears else 0
         print(
-            f"base model: {base.identity['name_or_path']} ({base.device}, {base.hidden_dtype})",
+            f"base model: {base.identity['name_or_path']} ({base.device}, {base.hidden_dtype}, "
+            f"{packed} linear layers packed)",
             flush=True,
         )
 
@@ -180,9 +196,12 @@ def main(argv: list[str] | None = None) -> int:
                         base.vocab_size,
                         steps,
                         first,
+                        packed=config.packed_linears,
                     )
             if args.untrained:
-                drafters["untrained head"] = untrained_like(trained, config.base_model_path)
+                drafters["untrained head"] = untrained_like(
+                    trained, config.base_model_path, config.packed_linears
+                )
         drafters["prompt_lookup"] = PromptLookupDrafter(max_ngram=args.prompt_lookup_max_ngram)
         if block_length is None:
             parser.error("without --head_path, pass --block_length")
