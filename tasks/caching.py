@@ -82,6 +82,19 @@ class OutputCache(CachePolicy):
         return key
 
 
+def source_digest(*modules: str) -> str:
+    """sha256 over the source of dmtp modules (e.g. "specdec"): a stage whose figures are measured
+    by this code (the evaluation's τ and speedup) measures again when it changes, which the dmtp
+    version alone does not say between releases."""
+    package = Path(dmtp.__file__).parent
+    return digest(
+        {
+            name: hashlib.sha256((package / f"{name}.py").read_bytes()).hexdigest()
+            for name in modules
+        }
+    )
+
+
 def tree_listing_digest(root: Path) -> str:
     """sha256 over every file's relative path, size and mtime under `root`: changes on any write.
 

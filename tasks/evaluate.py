@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import task
 
-from tasks.caching import OutputCache, digest
+from tasks.caching import OutputCache, digest, source_digest
 from tasks.launch import (
     dmtp_command,
     fail_once_if_requested,
@@ -22,6 +22,9 @@ from tasks.manifests import EvaluationManifest, HeadManifest, StoreManifest
 from tasks.tracking import flow_run_context, mlflow_environment
 
 RETRY_DELAYS_S = [10, 60, 300]
+# The code that decides an evaluation's figures: a change to it re-measures instead of serving
+# figures measured by older code from the cache.
+DECODING_MODULES = ("evaluate", "specdec", "kernels", "head", "models")
 
 
 def eval_config(settings: dict[str, Any], **fields: Any) -> Any:
@@ -51,6 +54,7 @@ def _evaluate_determinants(inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]
         "base_model": store.model.fingerprint,
         "settings": inputs["settings"],
         "prompts_sha256": _prompts_sha256(inputs["settings"]),
+        "decoding_code": source_digest(*DECODING_MODULES),
     }
 
 

@@ -272,3 +272,19 @@ def test_unknown_or_flow_owned_training_settings_are_refused():
 def test_digest_is_order_independent_and_value_sensitive():
     assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
     assert digest({"a": 1}) != digest({"a": 2})
+
+
+def test_an_evaluation_is_cached_only_while_the_decoding_code_is_unchanged(tmp_path, monkeypatch):
+    import dmtp
+    from tasks import caching
+    from tasks.evaluate import DECODING_MODULES
+
+    package = tmp_path / "dmtp"
+    package.mkdir()
+    for name in DECODING_MODULES:
+        (package / f"{name}.py").write_text(f"# {name}\n")
+    monkeypatch.setattr(dmtp, "__file__", str(package / "__init__.py"))
+    before = caching.source_digest(*DECODING_MODULES)
+    assert caching.source_digest(*DECODING_MODULES) == before
+    (package / "specdec.py").write_text("# specdec, changed\n")
+    assert caching.source_digest(*DECODING_MODULES) != before
