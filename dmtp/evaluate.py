@@ -634,10 +634,14 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         )
     if config.lookup_head and {"head", "prompt_lookup"} <= set(drafters):
         # the same head drafter: prompts are decoded one drafter at a time, each from start()
-        lookup = PromptLookupDrafter(max_ngram=config.prompt_lookup_max_ngram)
+        lookup = PromptLookupDrafter(
+            max_ngram=config.prompt_lookup_max_ngram, num_tokens=config.prompt_lookup_num_tokens
+        )
         drafters["lookup_head"] = LookupThenHeadDrafter(lookup, drafters["head"])
     if config.lookup_and_head and {"head", "prompt_lookup"} <= set(drafters):
-        lookup = PromptLookupDrafter(max_ngram=config.prompt_lookup_max_ngram)
+        lookup = PromptLookupDrafter(
+            max_ngram=config.prompt_lookup_max_ngram, num_tokens=config.prompt_lookup_num_tokens
+        )
         drafters["lookup_and_head"] = LookupAndHeadDrafter(lookup, drafters["head"])
     longest = max(drafter_block_length(d, block_length) for d in drafters.values())
     prompts = load_eval_prompts(prompts_path, base, config, longest)

@@ -493,6 +493,12 @@ class PromptLookupDrafter:
         return []
 
 
+def combined_block_length(lookup: PromptLookupDrafter, head: HeadDrafter) -> int:
+    """Lookup may draft past the head's block (its own `num_tokens`); the head drafts at most
+    its L - 1 whatever the round's budget."""
+    return max(head.block_length, lookup.block_length or head.block_length)
+
+
 class LookupThenHeadDrafter:
     """Prompt lookup where it finds a match, the head everywhere else.
 
@@ -506,7 +512,7 @@ class LookupThenHeadDrafter:
 
     def __init__(self, lookup: PromptLookupDrafter, head: HeadDrafter):
         self.lookup, self.head = lookup, head
-        self.block_length = head.block_length
+        self.block_length = combined_block_length(lookup, head)
         self.feature_layers = head.feature_layers
         self._pending: torch.Tensor | None = None
         self.head_rounds = self.lookup_rounds = 0
@@ -530,7 +536,8 @@ class LookupThenHeadDrafter:
 class LookupAndHeadDrafter:
     """Prompt lookup's draft and the head's, verified together as a two-branch tree.
 
-    One base forward checks both (up to 2(L − 1) + 1 tokens instead of L) and the round keeps
+    One base forward checks both (up to N + L tokens for lookup's N and the head's L − 1, shared
+    prefixes once) and the round keeps
     whichever branch the base model accepts further, so it never does worse than either drafter
     alone on the same prefix. The head drafts every round and takes in every committed
     position's features as it goes.
@@ -540,7 +547,7 @@ class LookupAndHeadDrafter:
 
     def __init__(self, lookup: PromptLookupDrafter, head: HeadDrafter):
         self.lookup, self.head = lookup, head
-        self.block_length = head.block_length
+        self.block_length = combined_block_length(lookup, head)
         self.feature_layers = head.feature_layers
 
     def start(self, prompt_ids: Sequence[int]) -> None:

@@ -454,3 +454,26 @@ def test_lookup_and_head_is_lossless_and_keeps_the_head_cache_exact(
             assert (
                 fresh.draft(DraftContext(features, sequence[-1], sequence, len(drafts))) == drafts
             )
+
+
+def test_lookup_drafts_past_the_heads_block_beside_it(base, prompts, eos, untrained_head):
+    """With lookup's num_tokens above the head's L - 1, the combined drafters take lookup's block;
+    the head's branch stays within its own, and decoding stays greedy."""
+    model, _ = base
+    vocab = model.config.vocab_size
+    head = HeadDrafter(untrained_head, BLOCK, MASK, vocab)
+    for combined in (LookupThenHeadDrafter, LookupAndHeadDrafter):
+        drafter = combined(PromptLookupDrafter(num_tokens=6), head)
+        assert drafter.block_length == 7
+        assert combined(PromptLookupDrafter(), head).block_length == BLOCK
+    repeated = [5, 6, 7, 8, 9, 10, 11, 12] * 3
+    both = LookupAndHeadDrafter(PromptLookupDrafter(num_tokens=6), head)
+    both.start(repeated)
+    features = torch.zeros(len(repeated) - 1, untrained_head.fc.in_features)
+    lookup, drafted = both.draft_branches(DraftContext(features, repeated[-1], repeated, 6))
+    assert lookup == [5, 6, 7, 8, 9, 10] and len(drafted) == BLOCK - 1
+    for ids in prompts:
+        ids = [*ids, *ids[-12:]]  # text the answer can look up
+        result = speculative_decode(model, both, ids, MAX_NEW, both.block_length, eos)
+        assert result.tokens == greedy_decode(model, ids, MAX_NEW, eos).tokens
+        assert max(r.drafted for r in result.rounds) <= 6
