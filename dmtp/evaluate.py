@@ -642,7 +642,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         lookup = PromptLookupDrafter(
             max_ngram=config.prompt_lookup_max_ngram, num_tokens=config.prompt_lookup_num_tokens
         )
-        drafters["lookup_and_head"] = LookupAndHeadDrafter(lookup, drafters["head"])
+        drafters["lookup_and_head"] = LookupAndHeadDrafter(
+            lookup, drafters["head"], config.head_alternatives
+        )
     longest = max(drafter_block_length(d, block_length) for d in drafters.values())
     prompts = load_eval_prompts(prompts_path, base, config, longest)
     records = decode_prompts(

@@ -433,8 +433,14 @@ class HeadDrafter:
         # token and may be drafted, as dflash_generate does.
         return (logits[:, : self.base_vocab_size] if ids is None else logits), ids
 
-    @torch.inference_mode()
     def draft(self, context: DraftContext) -> list[int]:
+        return self.propose(context)[0]
+
+    @torch.inference_mode()
+    def propose(self, context: DraftContext, alternatives: int = 0) -> list[list[int]]:
+        """The draft, then up to `alternatives` more branches: the next-best tokens for the first
+        draft position, each followed by the draft's later tokens when one step drafted them all
+        (they did not depend on the first), else alone."""
         block = torch.full(
             (self.block_length,), self.mask_token_id, dtype=torch.long, device=self.device
         )
@@ -447,6 +453,7 @@ class HeadDrafter:
         # Tracked apart from the ids: a bonus token may equal the mask id and is still known.
         masked = torch.ones(self.block_length, dtype=torch.bool, device=self.device)
         masked[0] = self.first_position == "masked"
+        runners_up: list[int] = []
         for step in range(self.denoising_steps):
             remaining = int(masked.sum())
             if remaining == 0:
@@ -460,9 +467,16 @@ class HeadDrafter:
             confidence = confidence.masked_fill(~masked, -1.0)
             count = math.ceil(remaining / (self.denoising_steps - step))
             chosen = confidence.topk(count).indices
+            if alternatives and masked[1] and bool((chosen == 1).any()):
+                ranked = logits[1].topk(min(alternatives + 1, logits.shape[-1])).indices[1:]
+                runners_up = (ranked if ids is None else ids[ranked]).tolist()
             block[chosen] = tokens[chosen]
             masked[chosen] = False
-        return block[1 : 1 + context.num_tokens].tolist()
+        draft = block[1 : 1 + context.num_tokens].tolist()
+        if not alternatives or not draft:
+            return [draft]
+        later = draft[1:] if self.denoising_steps == 1 else []
+        return [draft, *([token, *later] for token in runners_up)]
 
 
 class PromptLookupDrafter:
@@ -534,19 +548,23 @@ class LookupThenHeadDrafter:
 
 
 class LookupAndHeadDrafter:
-    """Prompt lookup's draft and the head's, verified together as a two-branch tree.
+    """Prompt lookup's draft and the head's, verified together as one token tree.
 
     One base forward checks both (up to N + L tokens for lookup's N and the head's L − 1, shared
-    prefixes once) and the round keeps
-    whichever branch the base model accepts further, so it never does worse than either drafter
-    alone on the same prefix. The head drafts every round and takes in every committed
-    position's features as it goes.
+    prefixes once) and the round keeps whichever branch the base model accepts furthest, so it
+    never does worse than either drafter alone on the same prefix. The head drafts every round and
+    takes in every committed position's features as it goes. With `head_alternatives` k, the
+    head's k next-best first tokens join the tree as well, each followed by the head's later
+    drafts (`HeadDrafter.propose`): the head's first guess is its weakest link.
     """
 
     name = "lookup_and_head"
 
-    def __init__(self, lookup: PromptLookupDrafter, head: HeadDrafter):
+    def __init__(self, lookup: PromptLookupDrafter, head: HeadDrafter, head_alternatives: int = 0):
+        if head_alternatives < 0:
+            raise ValueError(f"head_alternatives must be >= 0, got {head_alternatives}")
         self.lookup, self.head = lookup, head
+        self.head_alternatives = head_alternatives
         self.block_length = combined_block_length(lookup, head)
         self.feature_layers = head.feature_layers
 
@@ -554,11 +572,11 @@ class LookupAndHeadDrafter:
         self.head.start(prompt_ids)
 
     def draft_branches(self, context: DraftContext) -> list[list[int]]:
-        return [self.lookup.draft(context), self.head.draft(context)]
+        return [self.lookup.draft(context), *self.head.propose(context, self.head_alternatives)]
 
     def draft(self, context: DraftContext) -> list[int]:
         """Only for callers that take one branch: lookup's when it matches, else the head's."""
-        lookup, head = self.draft_branches(context)
+        lookup, head, *_ = self.draft_branches(context)
         return lookup or head
 
 

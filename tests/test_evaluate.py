@@ -291,3 +291,27 @@ def test_results_go_to_mlflow_with_json_and_plot(evaluation, tmp_path, monkeypat
             "evaluation/evaluation.json", "evaluation/evaluation.png"
         }  # fmt: skip
     assert client.get_run(linked).data.tags["dmtp.evaluates_run"] == training
+
+
+def test_the_tree_takes_the_heads_alternatives_when_asked(
+    debug_model_dir, head_dir, prompts_file, monkeypatch
+):
+    from dmtp.specdec import HeadDrafter
+
+    asked, propose = [], HeadDrafter.propose
+
+    def spy(self, context, alternatives=0):
+        asked.append(alternatives)
+        return propose(self, context, alternatives)
+
+    monkeypatch.setattr(HeadDrafter, "propose", spy)
+    config = eval_config(
+        debug_model_dir, head_dir, prompts_file, max_prompts=1, head_alternatives=2,
+        lookup_head=False, packed_linears=False,
+    )  # fmt: skip
+    result = evaluate(config, progress=False)
+    assert result["lossless"] is True
+    assert set(result["drafters"]) == {"head", "prompt_lookup", "lookup_and_head"}
+    assert result["settings"]["head_alternatives"] == 2
+    assert result["settings"]["packed_linears"] is False
+    assert 2 in asked and 0 in asked  # the tree asked for two, the head alone for none

@@ -316,10 +316,10 @@ class RecordingHeadDrafter(HeadDrafter):
         super().__init__(*args, **kwargs)
         self.calls: list[tuple[list[int], list[int]]] = []
 
-    def draft(self, context):
-        drafts = super().draft(context)
-        self.calls.append((list(context.sequence), drafts))
-        return drafts
+    def propose(self, context, alternatives=0):
+        branches = super().propose(context, alternatives)
+        self.calls.append((list(context.sequence), branches[0]))
+        return branches
 
 
 def test_lookup_then_head_uses_lookup_where_it_matches_and_keeps_the_head_cache_exact(
@@ -477,3 +477,40 @@ def test_lookup_drafts_past_the_heads_block_beside_it(base, prompts, eos, untrai
         result = speculative_decode(model, both, ids, MAX_NEW, both.block_length, eos)
         assert result.tokens == greedy_decode(model, ids, MAX_NEW, eos).tokens
         assert max(r.drafted for r in result.rounds) <= 6
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_head_alternatives_are_its_next_best_first_tokens(base, prompts, untrained_head, steps):
+    """propose(k): the draft, then the k runners-up for the first position (ranked by the head's
+    logits there), each with the draft's later tokens when one step drafted them, else alone."""
+    model, _ = base
+    vocab = model.config.vocab_size
+    ids = prompts[0]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    features = torch.cat([out.hidden_states[i][0] for i in LAYERS], dim=-1)[:-1]
+    context = DraftContext(features, ids[-1], list(ids), BLOCK - 1)
+    draft = HeadDrafter(untrained_head, BLOCK, MASK, vocab, steps).draft(context)
+    branches = HeadDrafter(untrained_head, BLOCK, MASK, vocab, steps).propose(context, 2)
+    assert branches[0] == draft and len(branches) == 3
+    # the first position's ranking, from the first step (the block with every draft masked)
+    block = torch.tensor([ids[-1]] + [MASK] * (BLOCK - 1))
+    states = untrained_head.draft_step(features, block, context.bonus_position, DraftCache(1))
+    ranked = untrained_head.draft_logits(states)[1, :vocab].topk(3).indices.tolist()
+    if steps == 1:
+        assert ranked[0] == draft[0]
+        assert branches[1:] == [[ranked[1], *draft[1:]], [ranked[2], *draft[1:]]]
+    else:
+        assert all(len(b) == 1 and b[0] != draft[0] for b in branches[1:])
+
+
+def test_lookup_and_head_with_alternatives_is_lossless(base, prompts, eos, untrained_head):
+    model, _ = base
+    head = HeadDrafter(untrained_head, BLOCK, MASK, model.config.vocab_size)
+    tree = LookupAndHeadDrafter(PromptLookupDrafter(), head, head_alternatives=2)
+    for ids in prompts:
+        result = speculative_decode(model, tree, ids, MAX_NEW, BLOCK, eos)
+        assert result.tokens == greedy_decode(model, ids, MAX_NEW, eos).tokens
+        check_rounds(result, len(ids), full_drafts=False)
+    with pytest.raises(ValueError, match="head_alternatives"):
+        LookupAndHeadDrafter(PromptLookupDrafter(), head, head_alternatives=-1)
