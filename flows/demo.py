@@ -85,9 +85,11 @@ def report(summary: dict[str, Any], seconds: float) -> str:
         )
     if summary.get("acceptance_length") is not None:
         figures = summary.get("drafters") or {}
+        lookup_speed = (figures.get("prompt_lookup") or {}).get("speedup")
         lines.append(
             f"  decoding    head τ={summary['acceptance_length']:.2f}, speedup {summary['speedup']:.2f}x"
             f" vs greedy; prompt lookup τ={summary['prompt_lookup_acceptance_length']:.2f}"
+            + (f", speedup {lookup_speed:.2f}x" if lookup_speed is not None else "")
         )
         combined = [
             f"{label} τ={figures[name]['tau']:.2f}, speedup {figures[name]['speedup']:.2f}x"

@@ -32,7 +32,7 @@ def test_the_report_names_the_export_registered_model_artifacts_and_every_drafte
     text = report(summary, 174.0)
     assert text.startswith("dmtp demo: finished in 2.9 min (cached: collect, validate)")
     assert f"export      {summary['export']}" in text
-    assert "head τ=1.31, speedup 0.81x vs greedy; prompt lookup τ=1.27" in text
+    assert "head τ=1.31, speedup 0.81x vs greedy; prompt lookup τ=1.27, speedup 1.10x" in text
     assert "lookup+head τ=1.52, speedup 1.02x; lookup&head (tree) τ=1.71, speedup 1.09x" in text
     assert "registered  model dmtp-SmolLM2-135M-Instruct version 3" in text
     assert "artifacts dmtp-demo-evaluation, dmtp-demo-mlflow-run" in text
