@@ -101,6 +101,7 @@ def replay_store(
     split: int | None = None,
     max_new_tokens: int | None = None,
     prompt_lookup_max_ngram: int | None = None,
+    prompt_lookup_num_tokens: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """τ and acceptance by position of the head, prompt lookup, lookup_head and lookup_and_head
     (both drafts verified as a tree) on every answer of
@@ -110,6 +111,8 @@ def replay_store(
     head: an `MTPHeadModel` with the base model attached (None: prompt lookup only).
     split: the `StoreIndex` split to replay (None: every sequence).
     max_new_tokens: replay at most this many generated tokens per answer (None: all the store has).
+    prompt_lookup_num_tokens: most tokens lookup drafts, alone and beside the head (None: L - 1),
+    as `dmtp evaluate --prompt_lookup_num_tokens`; the head drafts L - 1.
     """
     from dmtp.blocks import AnchoredBlocks
     from dmtp.data import StoreIndex
@@ -139,7 +142,13 @@ def replay_store(
         require_draft_label=False,
     )
     names = ["prompt_lookup"] if head is None else list(REPLAY_DRAFTERS)
-    figures = {name: ReplayFigures(block_length) for name in names}
+    lookup_tokens = prompt_lookup_num_tokens or block_length - 1
+    figures = {
+        name: ReplayFigures(
+            block_length if name == "head" else max(block_length, lookup_tokens + 1)
+        )
+        for name in names
+    }
     lookup = (
         PromptLookupDrafter()
         if prompt_lookup_max_ngram is None
@@ -173,19 +182,25 @@ def replay_store(
             anchor, generated = first, 1
             while generated < limit:
                 i = row[anchor]
+                # What is left of the answer after the bonus token bounds both drafters' labels.
+                left = len(outputs) - 1 - anchor
                 room = int(valid[i]) if ends_at_eos else min(int(valid[i]), limit - generated - 1)
+                lookup_room = min(lookup_tokens, left)
+                if not ends_at_eos:
+                    lookup_room = min(lookup_room, limit - generated - 1)
                 drafts: list[int] = []
-                if name != "head" and room > 0:
+                truth = outputs[anchor + 1 : anchor + 1 + max(room, lookup_room)]
+                if name != "head" and lookup_room > 0:
                     sequence = [*inputs[: anchor + 1], outputs[anchor]]
-                    drafts = lookup.draft(DraftContext(None, outputs[anchor], sequence, room))
+                    drafts = lookup.draft(
+                        DraftContext(None, outputs[anchor], sequence, lookup_room)
+                    )
                 if name == "head" or (name == "lookup_head" and not drafts):
                     proposed, accepted = room, min(int(head_accepts[i]), room)
                 elif name == "lookup_and_head":  # both verified: the branch accepted furthest
-                    truth = outputs[anchor + 1 : anchor + 1 + room]
-                    proposed = room
+                    proposed = max(room, len(drafts))
                     accepted = max(min(int(head_accepts[i]), room), leading_matches(drafts, truth))
                 else:
-                    truth = outputs[anchor + 1 : anchor + 1 + room]
                     proposed, accepted = len(drafts), leading_matches(drafts, truth)
                 committed = min(accepted + 1, limit - generated)
                 figures[name].add(proposed, accepted, committed)

@@ -70,9 +70,10 @@ def sequences(store_path) -> list[tuple[list[int], int]]:
 
 def decoded(model, drafter, store_path, eos) -> dict:
     committed = rounds = 0
-    proposed, accepted = [0] * (BLOCK - 1), [0] * (BLOCK - 1)
+    block = drafter.block_length or BLOCK
+    proposed, accepted = [0] * (block - 1), [0] * (block - 1)
     for prompt, _ in sequences(store_path):
-        result = speculative_decode(model, drafter, prompt, MAX_NEW, BLOCK, eos)
+        result = speculative_decode(model, drafter, prompt, MAX_NEW, block, eos)
         for r in result.rounds:
             rounds, committed = rounds + 1, committed + r.committed
             for k in range(r.drafted):
@@ -119,6 +120,40 @@ def test_replayed_rounds_are_decodings_rounds(debug_model_dir, store):
             model, LookupAndHeadDrafter(PromptLookupDrafter(), drafter), store, eos
         ),
     }
+    assert_same(replayed, real)
+    # lookup drafting past the head's block (`dmtp evaluate`'s default), alone and beside the head
+    longer = replay_store(head, store, prompt_lookup_num_tokens=LOOKUP_TOKENS)
+    assert_same(
+        longer,
+        {
+            "prompt_lookup": decoded(
+                model, PromptLookupDrafter(num_tokens=LOOKUP_TOKENS), store, eos
+            ),
+            "lookup_head": decoded(
+                model, LookupThenHeadDrafter(long_lookup(), drafter), store, eos
+            ),
+            "lookup_and_head": decoded(
+                model, LookupAndHeadDrafter(long_lookup(), drafter), store, eos
+            ),
+        },
+    )
+    assert longer["prompt_lookup"]["tau"] >= replayed["prompt_lookup"]["tau"]
+    # ... and lookup did draft past the head's block, and had such drafts accepted
+    assert longer["lookup_and_head"]["acceptance_by_position"][BLOCK - 1]
+    # the fitted head drafts some right: the equality above is not that of all-rejected rounds
+    assert real["head"]["tau"] > 1.05 and real["lookup_head"]["tau"] > 1.05
+    # the tree never accepts less than either of its branches would on the same prefix
+    assert real["lookup_and_head"]["tau"] >= max(real["head"]["tau"], real["lookup_head"]["tau"])
+
+
+LOOKUP_TOKENS = 6
+
+
+def long_lookup() -> PromptLookupDrafter:
+    return PromptLookupDrafter(num_tokens=LOOKUP_TOKENS)
+
+
+def assert_same(replayed: dict, real: dict) -> None:
     for name, figures in real.items():
         assert replayed[name]["rounds"] == figures["rounds"], name
         assert replayed[name]["tau"] == pytest.approx(figures["tau"]), name
@@ -126,7 +161,3 @@ def test_replayed_rounds_are_decodings_rounds(debug_model_dir, store):
             replayed[name]["acceptance_by_position"], figures["acceptance_by_position"], strict=True
         ):
             assert ours == pytest.approx(theirs), name
-    # the fitted head drafts some right: the equality above is not that of all-rejected rounds
-    assert real["head"]["tau"] > 1.05 and real["lookup_head"]["tau"] > 1.05
-    # the tree never accepts less than either of its branches would on the same prefix
-    assert real["lookup_and_head"]["tau"] >= max(real["head"]["tau"], real["lookup_head"]["tau"])

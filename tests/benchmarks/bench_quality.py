@@ -163,7 +163,12 @@ def replay_heads(args: argparse.Namespace, heads: dict[str, dict]) -> dict:
     for name, trained in heads.items():
         head = load_head(trained["head_path"])
         head.attach_base(parts.embeddings, parts.lm_head)
-        figures = replay_store(head, args.replay_dir, max_new_tokens=args.max_new_tokens)
+        figures = replay_store(
+            head,
+            args.replay_dir,
+            max_new_tokens=args.max_new_tokens,
+            prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
+        )
         results[name] = figures["head"]
         results[f"{name}+lookup"] = figures["lookup_head"]
         results[f"{name}&lookup tree"] = figures["lookup_and_head"]
@@ -209,7 +214,7 @@ def evaluate_heads(args: argparse.Namespace, heads: dict[str, dict]) -> dict:
             drafter, _ = load_head_drafter(EvalConfig(head_path=head["head_path"]), base)
             drafter.name = name
             drafters[name] = drafter
-        drafters["prompt_lookup"] = PromptLookupDrafter(num_tokens=args.block_length - 1)
+        drafters["prompt_lookup"] = PromptLookupDrafter(num_tokens=args.prompt_lookup_num_tokens)
         records = decode_prompts(base, drafters, prompts, args.block_length, source=source)
         results[source] = {name: summarize(records, name) for name in drafters}
     return results
@@ -250,6 +255,12 @@ def main() -> int:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--draft_vocab_size", type=int, default=8192)
     parser.add_argument("--block_length", type=int, default=4)
+    parser.add_argument(
+        "--prompt_lookup_num_tokens",
+        type=int,
+        default=EvalConfig.prompt_lookup_num_tokens,
+        help="most tokens prompt lookup drafts, alone and beside the heads (as dmtp evaluate)",
+    )
     parser.add_argument(
         "--eval_prompts", nargs="*", default=["sharegpt-heldout", str(DEMO_EVAL_PROMPTS)]
     )
