@@ -18,7 +18,9 @@ so greedy decoding runs ~1.45× faster and a verification of 4 tokens costs 1.06
 products in another summation order (logits agree to ~1e-4), so greedy and speculative decoding,
 both on the packed layers, stay token-for-token equal.
 
-Inference only (no autograd through a packed weight). The `weight` parameter stays in place, so
+The two oneDNN ops are torch-internal (`torch.ops.mkldnn._reorder_linear_weight`,
+`_linear_pointwise`, what inductor emits); torch is pinned and tests/test_kernels.py checks them
+against `nn.Linear`. Inference only (no autograd through a packed weight). The `weight` parameter stays in place, so
 shapes, dtypes and tied embeddings are untouched; the packed copy is extra memory of the same size.
 """
 
