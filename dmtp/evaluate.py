@@ -598,10 +598,26 @@ def log_evaluation_to_mlflow(
 # the stage
 
 
-def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the whole evaluation of `config`; every input is checked before any decoding."""
+def load_decoding_base(config: EvalConfig) -> BaseModel:
+    """The base model as `dmtp evaluate` decodes with it: on a CPU with `packed_linears`, its linear
+    layers prepacked (dmtp/kernels.py), so greedy and every drafter run on the same layers."""
     from dmtp.kernels import pack_linears
     from dmtp.models import load_base_model
+
+    base = load_base_model(config.base_model_path, config.device, config.dtype)
+    if config.packed_linears:
+        pack_linears(base.model)
+    return base
+
+
+def prompt_lookup_drafter(config: EvalConfig) -> PromptLookupDrafter:
+    return PromptLookupDrafter(
+        max_ngram=config.prompt_lookup_max_ngram, num_tokens=config.prompt_lookup_num_tokens
+    )
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the whole evaluation of `config`; every input is checked before any decoding."""
     from dmtp.prompts import scan_prompts
     from dmtp.tracking import resolve_tracking_uri
 
@@ -617,9 +633,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     )
     if config.mlflow_run_id and not tracking_uri:
         raise DmtpError("--mlflow_run_id needs --mlflow_tracking_uri (or $MLFLOW_TRACKING_URI)")
-    base = load_base_model(config.base_model_path, config.device, config.dtype)
-    if config.packed_linears:
-        pack_linears(base.model)  # greedy and every drafter verify on the same layers
+    base = load_decoding_base(config)
 
     drafters: dict[str, Drafter] = {}
     head_info = None
@@ -628,20 +642,14 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         drafters["head"], head_info = load_head_drafter(config, base)
         block_length = head_info["block_length"]
     assert block_length is not None  # EvalConfig requires it without a head
+    # One lookup drafter serves all three (it keeps no state); one head drafter both combinations:
+    # prompts are decoded one drafter at a time, each from start().
+    lookup = prompt_lookup_drafter(config)
     if config.prompt_lookup:
-        drafters["prompt_lookup"] = PromptLookupDrafter(
-            max_ngram=config.prompt_lookup_max_ngram, num_tokens=config.prompt_lookup_num_tokens
-        )
+        drafters["prompt_lookup"] = lookup
     if config.lookup_head and {"head", "prompt_lookup"} <= set(drafters):
-        # the same head drafter: prompts are decoded one drafter at a time, each from start()
-        lookup = PromptLookupDrafter(
-            max_ngram=config.prompt_lookup_max_ngram, num_tokens=config.prompt_lookup_num_tokens
-        )
         drafters["lookup_head"] = LookupThenHeadDrafter(lookup, drafters["head"])
     if config.lookup_and_head and {"head", "prompt_lookup"} <= set(drafters):
-        lookup = PromptLookupDrafter(
-            max_ngram=config.prompt_lookup_max_ngram, num_tokens=config.prompt_lookup_num_tokens
-        )
         drafters["lookup_and_head"] = LookupAndHeadDrafter(
             lookup, drafters["head"], config.head_alternatives
         )

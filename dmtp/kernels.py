@@ -7,21 +7,23 @@ step feeds: it runs 2 and 3 rows as separate passes over the weights and 4–8 r
 the machine's speed. oneDNN's linear with its weights reordered once into its blocked layout
 (what `torch.compile` does with frozen weights on CPU) reads them once at any small row count.
 Measured on 2 idle AMD EPYC cores, SmolLM2-135M-Instruct in float32, a base forward of T tokens
-after a 300-token cache (tests/benchmarks/bench_specdec.py measures it side by side):
+after a 300-token cache (tests/benchmarks/bench_kernels.py, both side by side; README, "Speed on a
+CPU"):
 
     T               1     2     3     4     5     7     8
-    nn.Linear      60   104   124    88    92   131    93  ms
-    packed         41    51    44    44    43    51    50  ms
+    nn.Linear      56    94   116    84    91   129    91  ms
+    packed         39    46    40    39    39    45    47  ms
 
-so greedy decoding runs ~1.45× faster and a verification of 4 tokens costs 1.06× one token's
+so greedy decoding runs ~1.45× faster and a verification of 4 tokens costs what one token's does
 (1.5× with nn.Linear): τ turns into speedup. The math is the same float32 (or bfloat16) dot
 products in another summation order (logits agree to ~1e-4), so greedy and speculative decoding,
 both on the packed layers, stay token-for-token equal.
 
 The two oneDNN ops are torch-internal (`torch.ops.mkldnn._reorder_linear_weight`,
 `_linear_pointwise`, what inductor emits); torch is pinned and tests/test_kernels.py checks them
-against `nn.Linear`. Inference only (no autograd through a packed weight). The `weight` parameter stays in place, so
-shapes, dtypes and tied embeddings are untouched; the packed copy is extra memory of the same size.
+against `nn.Linear`. Inference only (no autograd through a packed weight). The `weight` parameter
+stays in place, so shapes, dtypes and tied embeddings are untouched; the packed copy is extra
+memory of the same size.
 """
 
 from __future__ import annotations

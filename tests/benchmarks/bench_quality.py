@@ -41,9 +41,13 @@ import psutil
 import torch
 
 from dmtp.config import DEMO_EVAL_PROMPTS, DataConfig, EvalConfig, TrainConfig
-from dmtp.evaluate import decode_prompts, load_eval_prompts, load_head_drafter, summarize
-from dmtp.kernels import pack_linears
-from dmtp.models import load_base_model
+from dmtp.evaluate import (
+    decode_prompts,
+    load_decoding_base,
+    load_eval_prompts,
+    load_head_drafter,
+    summarize,
+)
 from dmtp.specdec import PromptLookupDrafter
 from dmtp.train import train
 
@@ -196,9 +200,14 @@ def print_replay_table(results: dict, heads: dict[str, dict], answers: int) -> N
 
 
 def evaluate_heads(args: argparse.Namespace, heads: dict[str, dict]) -> dict:
-    base = load_base_model(args.base_model_path, device=args.device)
-    if EvalConfig.packed_linears:  # as `dmtp evaluate` decodes (dmtp/kernels.py)
-        pack_linears(base.model)
+    base = load_decoding_base(
+        EvalConfig(
+            base_model_path=args.base_model_path,
+            device=args.device,
+            block_length=args.block_length,
+            prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
+        )
+    )
     results = {}
     for source in args.eval_prompts:
         config = EvalConfig(
@@ -208,7 +217,8 @@ def evaluate_heads(args: argparse.Namespace, heads: dict[str, dict]) -> dict:
             block_length=args.block_length,
         )
         path = config.prompts_path
-        prompts = load_eval_prompts(path, base, config, args.block_length)
+        longest = max(args.block_length, args.prompt_lookup_num_tokens + 1)  # lookup's block
+        prompts = load_eval_prompts(path, base, config, longest)
         drafters = {}
         for name, head in heads.items():
             drafter, _ = load_head_drafter(EvalConfig(head_path=head["head_path"]), base)

@@ -31,11 +31,18 @@ import psutil
 import torch
 
 from dmtp.config import DEMO_EVAL_PROMPTS, EvalConfig
-from dmtp.evaluate import build_result, decode_prompts, load_eval_prompts, load_head_drafter
+from dmtp.evaluate import (
+    build_result,
+    decode_prompts,
+    drafter_block_length,
+    load_decoding_base,
+    load_eval_prompts,
+    load_head_drafter,
+    prompt_lookup_drafter,
+)
 from dmtp.head import build_head, load_base_model_parts
-from dmtp.kernels import pack_linears
-from dmtp.models import load_base_model
-from dmtp.specdec import Drafter, HeadDrafter, PromptLookupDrafter
+from dmtp.kernels import PackedLinear
+from dmtp.specdec import Drafter, HeadDrafter
 
 
 def machine() -> str:
@@ -135,13 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         "--first_position", nargs="+", default=["clean"], choices=["clean", "masked"]
     )
     parser.add_argument("--untrained", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--prompt_lookup_max_ngram", type=int, default=3)
+    parser.add_argument(
+        "--prompt_lookup_max_ngram", type=int, default=EvalConfig.prompt_lookup_max_ngram
+    )
+    parser.add_argument(
+        "--prompt_lookup_num_tokens", type=int, default=EvalConfig.prompt_lookup_num_tokens
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
         "--packed_linears",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=EvalConfig.packed_linears,
         help="on a CPU, oneDNN-prepacked linear layers (dmtp/kernels.py; bench_kernels.py compares)",
     )
     parser.add_argument("--warmup_tokens", type=int, default=16)
@@ -170,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
             packed_linears=args.packed_linears,
+            prompt_lookup_max_ngram=args.prompt_lookup_max_ngram,
+            prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
             warmup_tokens=args.warmup_tokens,
         )
         print(f"machine: {machine()}, load average {os.getloadavg()[0]:.1f}", flush=True)
-        base = load_base_model(config.base_model_path, config.device, config.dtype)
-        packed = pack_linears(base.model) if config.packed_linears else 0
+        base = load_decoding_base(config)
+        packed = sum(isinstance(m, PackedLinear) for m in base.model.modules())
         print(
             f"base model: {base.identity['name_or_path']} ({base.device}, {base.hidden_dtype}, "
             f"{packed} linear layers packed)",
@@ -202,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
                 drafters["untrained head"] = untrained_like(
                     trained, config.base_model_path, config.packed_linears
                 )
-        drafters["prompt_lookup"] = PromptLookupDrafter(max_ngram=args.prompt_lookup_max_ngram)
+        drafters["prompt_lookup"] = prompt_lookup_drafter(config)
         if block_length is None:
             parser.error("without --head_path, pass --block_length")
-        prompts = load_eval_prompts(config.prompts_path, base, config, block_length)
+        longest = max(drafter_block_length(d, block_length) for d in drafters.values())
+        prompts = load_eval_prompts(config.prompts_path, base, config, longest)
         print(
             f"{len(prompts)} prompts from {config.prompts_path}, up to {config.max_new_tokens} new tokens, "
             f"block length {block_length}",
